@@ -1,0 +1,85 @@
+//! The command line: `mount`, `ls`, `demo`.
+
+mod demo;
+mod ls;
+pub mod mount;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmexportfs",
+    version,
+    about = "Mount a VM inventory read-only and export its disks through one rate limit",
+    after_help = "Sources: demo://, dir:///path, hyperv:///path, http(s)://host/manifest.json\n\
+                  Options (-o): rate=SIZE, burst=SIZE|auto, cache=SIZE, uid=, gid=, umask=, allow_other, ...\n\
+                  See docs/options.md."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Mount SOURCE on MOUNTPOINT (daemonizes once the mount answers)
+    Mount {
+        source: String,
+        mountpoint: PathBuf,
+        /// Mount options, comma separated (may be repeated)
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+        /// Stay in the foreground and log to stderr
+        #[arg(short = 'f', long)]
+        foreground: bool,
+    },
+    /// Print the inventory of SOURCE as the mount would show it; mount nothing
+    Ls {
+        source: String,
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Vec<String>,
+    },
+    /// Mount the built-in demo inventory, copy one disk at a visible rate, unmount
+    Demo {
+        /// Rate of the demo copy
+        #[arg(long, default_value = "32M")]
+        rate: String,
+        /// Disk to copy, as VM/DISK
+        #[arg(long, default_value = "web-01/web-01-disk0.vmdk")]
+        disk: String,
+    },
+}
+
+/// Runs the command line and returns the process exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Mount {
+            source,
+            mountpoint,
+            options,
+            foreground,
+        } => mount::run(&source, &mountpoint, &options, foreground),
+        Command::Ls { source, options } => ls::run(&source, &options),
+        Command::Demo { rate, disk } => demo::run(&rate, &disk),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(err) => {
+            eprintln!("vmexportfs: {err:#}");
+            1
+        }
+    }
+}
+
+/// Logs to stderr at `info` unless RUST_LOG says otherwise.
+pub(crate) fn init_stderr_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -1,0 +1,481 @@
+//! `vmexportfs mount`: check everything that can be checked, mount, answer,
+//! then serve until unmounted.
+//!
+//! Without `--foreground` the process forks before any thread exists. The
+//! child builds the provider, lists the inventory, mounts and checks that
+//! the mount answers; only then does the parent exit 0. Any failure before
+//! that reaches the parent through a pipe and becomes one line on stderr and
+//! a non-zero exit, with nothing left mounted.
+
+use std::ffi::CString;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use fuser::{MountOption, SessionACL};
+
+use crate::fs::{FsCore, Ownership};
+use crate::fuse::FuseAdapter;
+use crate::options::MountOptions;
+use crate::provider::{open_source, redact_url};
+use crate::read::{ReadConfig, ReadPath};
+use crate::size::HumanBytes;
+use crate::throttle::Throttle;
+
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+/// Kernel read-ahead for the mount: large enough that the kernel sends
+/// 1 MiB requests and keeps several in flight.
+const KERNEL_READ_AHEAD_KB: u32 = 4096;
+
+/// A live mount: the FUSE session and the core behind it.
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    core: Arc<FsCore>,
+    mountpoint: PathBuf,
+    summary: String,
+}
+
+impl Mounted {
+    pub fn core(&self) -> &Arc<FsCore> {
+        &self.core
+    }
+
+    /// One line with the effective settings, bytes per second spelled out.
+    pub fn summary(&self) -> &str {
+        &self.summary
+    }
+
+    /// The session ended on its own (someone ran `umount`).
+    pub fn is_finished(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_none_or(|session| session.guard.is_finished())
+    }
+
+    /// Stops every fetch and unmounts, lazily if the mount is busy.
+    pub fn unmount(mut self) -> anyhow::Result<()> {
+        self.core.shutdown();
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        if session.guard.is_finished() {
+            let _ = session.join();
+            return Ok(());
+        }
+        match session.umount_and_join() {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                tracing::warn!(mountpoint = %self.mountpoint.display(), "unmount: {err}; detaching");
+                lazy_unmount(&self.mountpoint)
+            }
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.core.shutdown();
+    }
+}
+
+fn lazy_unmount(mountpoint: &Path) -> anyhow::Result<()> {
+    let path = CString::new(mountpoint.as_os_str().as_encoded_bytes())?;
+    // SAFETY: a valid NUL-terminated path; umount2 touches nothing else.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(err).context(format!("unmounting {}", mountpoint.display()));
+        }
+    }
+    Ok(())
+}
+
+/// Canonical mountpoint, refused when missing, not a directory or in use.
+pub fn check_mountpoint(mountpoint: &Path) -> anyhow::Result<PathBuf> {
+    let canonical = mountpoint
+        .canonicalize()
+        .map_err(|err| anyhow!("mountpoint {}: {err}", mountpoint.display()))?;
+    let meta = std::fs::metadata(&canonical)
+        .map_err(|err| anyhow!("mountpoint {}: {err}", mountpoint.display()))?;
+    if !meta.is_dir() {
+        bail!("mountpoint {} is not a directory", mountpoint.display());
+    }
+    if is_mount_point(&canonical)? {
+        bail!(
+            "mountpoint {} is already in use (something is mounted there)",
+            mountpoint.display()
+        );
+    }
+    Ok(canonical)
+}
+
+fn is_mount_point(path: &Path) -> anyhow::Result<bool> {
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let wanted = path.to_string_lossy();
+    Ok(mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|field| unescape_mountinfo(field) == wanted))
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value =
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Builds the provider, lists the inventory and mounts; returns once the
+/// mount answers. On error nothing is left mounted.
+pub fn mount(
+    source: &str,
+    mountpoint: &Path,
+    options: &MountOptions,
+    runtime: &tokio::runtime::Handle,
+) -> anyhow::Result<Mounted> {
+    if options.rw_requested {
+        tracing::warn!("option 'rw' ignored: vmexportfs mounts are always read-only");
+    }
+    let provider = open_source(source, options)?;
+    let throttle = options.rate.map(|rate| {
+        Arc::new(Throttle::new(
+            rate,
+            options.effective_burst().unwrap_or(rate),
+        ))
+    });
+    let read_path = ReadPath::new(
+        provider.clone(),
+        throttle.clone(),
+        ReadConfig {
+            memory: options.cache,
+            ..ReadConfig::default()
+        },
+    );
+    let mut owner = Ownership::current();
+    owner.uid = options.uid.unwrap_or(owner.uid);
+    owner.gid = options.gid.unwrap_or(owner.gid);
+    owner.umask = options.umask.unwrap_or(owner.umask);
+    let core = runtime
+        .block_on(FsCore::new(provider, read_path, owner))
+        .map_err(|err| anyhow!("{}: {err}", redact_url(source)))?;
+    let core = Arc::new(core);
+
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(redact_url(source)),
+        MountOption::CUSTOM("subtype=vmexportfs".into()),
+        MountOption::RO,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+    ];
+    if options.default_permissions {
+        config.mount_options.push(MountOption::DefaultPermissions);
+    }
+    config.acl = if options.allow_other {
+        SessionACL::All
+    } else if options.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    let adapter = FuseAdapter::new(Arc::clone(&core), runtime.clone());
+    let session = fuser::spawn_mount(adapter, mountpoint, &config).map_err(|err| {
+        if err.kind() == std::io::ErrorKind::PermissionDenied {
+            anyhow!(
+                "mounting {}: {err} (FUSE mounts need root or the fuse3 package's fusermount3)",
+                mountpoint.display()
+            )
+        } else {
+            anyhow!("mounting {}: {err}", mountpoint.display())
+        }
+    })?;
+    let mut mounted = Mounted {
+        session: Some(session),
+        core,
+        mountpoint: mountpoint.to_path_buf(),
+        summary: String::new(),
+    };
+    if let Err(err) = check_answers(mountpoint) {
+        let _ = mounted.unmount();
+        return Err(err);
+    }
+    raise_kernel_read_ahead(mountpoint);
+    let summary = summary_line(source, mountpoint, options, throttle.as_deref());
+    tracing::info!("{summary}");
+    mounted.summary = summary;
+    Ok(mounted)
+}
+
+fn summary_line(
+    source: &str,
+    mountpoint: &Path,
+    options: &MountOptions,
+    throttle: Option<&Throttle>,
+) -> String {
+    let limit = match throttle {
+        Some(throttle) => format!(
+            "rate {} B/s ({}/s), burst {} B",
+            throttle.rate(),
+            HumanBytes(throttle.rate()),
+            throttle.burst()
+        ),
+        None => "rate unlimited".to_string(),
+    };
+    format!(
+        "mounted {} on {} read-only: {limit}, cache {} B ({})",
+        redact_url(source),
+        mountpoint.display(),
+        options.cache,
+        HumanBytes(options.cache)
+    )
+}
+
+fn check_answers(mountpoint: &Path) -> anyhow::Result<()> {
+    let path = CString::new(mountpoint.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statfs writes into the zeroed struct we pass and nothing else.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error()).context(format!(
+            "the mount at {} does not answer",
+            mountpoint.display()
+        ));
+    }
+    if stat.f_type as i64 != FUSE_SUPER_MAGIC {
+        bail!(
+            "{} is not a FUSE mount after mounting",
+            mountpoint.display()
+        );
+    }
+    std::fs::read_dir(mountpoint)
+        .with_context(|| format!("the mount at {} does not answer", mountpoint.display()))?;
+    Ok(())
+}
+
+/// The kernel reads a FUSE file in 128 KiB requests unless the mount's
+/// backing device allows more read-ahead; KernelConfig can only lower it.
+fn raise_kernel_read_ahead(mountpoint: &Path) {
+    let Ok(meta) = std::fs::metadata(mountpoint) else {
+        return;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(err) = std::fs::write(&knob, KERNEL_READ_AHEAD_KB.to_string()) {
+        tracing::debug!("cannot raise kernel read-ahead at {knob}: {err}");
+    }
+}
+
+/// Serves until unmounted or told to stop (SIGTERM, SIGINT).
+async fn serve_until_done(mounted: &Mounted) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: unmounting"); return Ok(()) }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: unmounting"); return Ok(()) }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if mounted.is_finished() {
+                    tracing::info!("unmounted");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+fn build_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8)))
+        .thread_name("vmexportfs")
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+pub fn run(
+    source: &str,
+    mountpoint: &Path,
+    option_groups: &[String],
+    foreground: bool,
+) -> anyhow::Result<()> {
+    let options = MountOptions::parse(option_groups.iter().map(String::as_str))?;
+    let mountpoint = check_mountpoint(mountpoint)?;
+    if foreground {
+        super::init_stderr_logging();
+        let runtime = build_runtime()?;
+        let mounted = mount(source, &mountpoint, &options, runtime.handle())?;
+        runtime.block_on(serve_until_done(&mounted))?;
+        return mounted.unmount();
+    }
+    let log_path = options
+        .log
+        .clone()
+        .unwrap_or_else(|| default_log_path(&mountpoint));
+    let (read_end, write_end) = pipe()?;
+    // SAFETY: no thread has been started yet, so the child is a faithful
+    // copy; it goes on to build its own runtime.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error()).context("fork"),
+        0 => {
+            drop(read_end);
+            let mut ready = std::fs::File::from(write_end);
+            let status = match run_daemon(source, &mountpoint, &options, &log_path, &mut ready) {
+                Ok(()) => 0,
+                Err(err) => {
+                    let _ = writeln!(ready, "ERR {}", one_line(&format!("{err:#}")));
+                    tracing::error!("{err:#}");
+                    1
+                }
+            };
+            std::process::exit(status);
+        }
+        _child => {
+            drop(write_end);
+            let mut answer = String::new();
+            std::fs::File::from(read_end)
+                .read_to_string(&mut answer)
+                .context("waiting for the mount")?;
+            let first = answer.lines().next().unwrap_or("");
+            if let Some(summary) = first.strip_prefix("OK ") {
+                eprintln!("vmexportfs: {summary}");
+                Ok(())
+            } else if let Some(err) = first.strip_prefix("ERR ") {
+                Err(anyhow!("{err}"))
+            } else {
+                Err(anyhow!(
+                    "the mount process ended before the mount answered (see {})",
+                    log_path.display()
+                ))
+            }
+        }
+    }
+}
+
+fn run_daemon(
+    source: &str,
+    mountpoint: &Path,
+    options: &MountOptions,
+    log_path: &Path,
+    ready: &mut std::fs::File,
+) -> anyhow::Result<()> {
+    // SAFETY: plain process-state syscalls in a single-threaded child.
+    unsafe {
+        libc::setsid();
+    }
+    init_file_logging(log_path)?;
+    detach_stdio()?;
+    let runtime = build_runtime()?;
+    let mounted = mount(source, mountpoint, options, runtime.handle())?;
+    writeln!(ready, "OK {}", mounted.summary())?;
+    drop(std::mem::replace(ready, std::fs::File::open("/dev/null")?));
+    let result = runtime.block_on(serve_until_done(&mounted));
+    mounted.unmount()?;
+    result
+}
+
+fn one_line(text: &str) -> String {
+    text.replace('\n', " ")
+}
+
+fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds that we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("pipe");
+    }
+    // SAFETY: both fds were just created and are owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn detach_stdio() -> anyhow::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    use std::os::fd::AsRawFd;
+    for fd in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors, which we own.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), fd);
+        }
+    }
+    let _ = std::env::set_current_dir("/");
+    Ok(())
+}
+
+/// `/var/log/vmexportfs/<mountpoint with / as ->.log`, or under /tmp for
+/// users who cannot write /var/log.
+fn default_log_path(mountpoint: &Path) -> PathBuf {
+    let name = mountpoint
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "-");
+    let name = if name.is_empty() { "root".into() } else { name };
+    // SAFETY: geteuid cannot fail.
+    let dir = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/log/vmexportfs")
+    } else {
+        std::env::temp_dir().join(format!("vmexportfs-{}", unsafe { libc::geteuid() }))
+    };
+    dir.join(format!("{name}.log"))
+}
+
+fn init_file_logging(path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("log directory {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("log file {}", path.display()))?;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(std::sync::Mutex::new(file))
+        .try_init();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(unescape_mountinfo("/x\\134y"), "/x\\y");
+    }
+
+    #[test]
+    fn log_names_follow_the_mountpoint() {
+        let path = default_log_path(Path::new("/mnt/vms/a"));
+        assert!(path.to_string_lossy().ends_with("mnt-vms-a.log"));
+    }
+}

@@ -1,0 +1,48 @@
+//! The one place where failures become errnos.
+//!
+//! Handlers never pick an errno ad hoc: they return [`FsError`], which knows
+//! its errno and whether it deserves a log line.
+
+use crate::provider::ProviderError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("not a directory")]
+    NotDirectory,
+    #[error("is a directory")]
+    IsDirectory,
+    #[error("read-only file system")]
+    ReadOnly,
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("invalid argument")]
+    InvalidArgument,
+    #[error("no data past this offset")]
+    NoMoreData,
+    #[error("{path}: {source}")]
+    Provider {
+        path: String,
+        #[source]
+        source: ProviderError,
+    },
+    #[error("operation cancelled")]
+    Cancelled,
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotDirectory => libc::ENOTDIR,
+            FsError::IsDirectory => libc::EISDIR,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::BadHandle => libc::EBADF,
+            FsError::InvalidArgument => libc::EINVAL,
+            FsError::NoMoreData => libc::ENXIO,
+            FsError::Provider { .. } => libc::EIO,
+            FsError::Cancelled => libc::EINTR,
+        }
+    }
+}

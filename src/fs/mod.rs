@@ -1,0 +1,267 @@
+//! The filesystem core: inodes, directory listing, open files, reads.
+//!
+//! Nothing here knows about FUSE: the adapter in [`crate::fuse`] translates
+//! kernel requests into these calls and the results back into replies, so
+//! the core is tested without a mount. Metadata lives in memory (the tree is
+//! built once from the inventory); only `open` and `read` await the provider.
+
+pub mod names;
+pub mod tree;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::error::FsError;
+use crate::provider::{Provider, ProviderError};
+use crate::read::{FileReader, ReadPath};
+use tree::{NodeKind, Tree};
+
+pub use tree::ROOT_INO;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    /// Allocated 512-byte blocks.
+    pub blocks: u64,
+    pub mtime: SystemTime,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: String,
+    /// Where the next listing call resumes after this entry.
+    pub next_offset: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Ownership {
+    pub uid: u32,
+    pub gid: u32,
+    pub umask: u32,
+}
+
+impl Ownership {
+    /// The mounting user, mode 0444/0555.
+    pub fn current() -> Self {
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Ownership {
+            uid,
+            gid,
+            umask: 0o022,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub files: u64,
+    pub block_size: u32,
+    pub name_max: u32,
+}
+
+/// A file open for reading.
+pub struct Handle {
+    pub ino: u64,
+    pub reader: Arc<FileReader>,
+}
+
+pub struct FsCore {
+    tree: Tree,
+    provider: Arc<dyn Provider>,
+    read_path: Arc<ReadPath>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    next_handle: AtomicU64,
+    owner: Ownership,
+}
+
+impl FsCore {
+    /// Lists the provider's inventory and builds the tree.
+    pub async fn new(
+        provider: Arc<dyn Provider>,
+        read_path: Arc<ReadPath>,
+        owner: Ownership,
+    ) -> Result<Self, ProviderError> {
+        let inventory = provider.list().await?;
+        Ok(FsCore {
+            tree: Tree::build(&inventory),
+            provider,
+            read_path,
+            handles: RwLock::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            owner,
+        })
+    }
+
+    pub fn read_path(&self) -> &Arc<ReadPath> {
+        &self.read_path
+    }
+
+    pub fn attr(&self, ino: u64) -> Result<Attr, FsError> {
+        let node = self.tree.get(ino).ok_or(FsError::NotFound)?;
+        let (kind, size, perm, nlink) = match &node.kind {
+            NodeKind::Dir { children } => {
+                let subdirs = children
+                    .values()
+                    .filter(|&&child| {
+                        matches!(
+                            self.tree.get(child).map(|n| &n.kind),
+                            Some(NodeKind::Dir { .. })
+                        )
+                    })
+                    .count() as u32;
+                (Kind::Dir, 0, 0o555, 2 + subdirs)
+            }
+            NodeKind::File { size, .. } => (Kind::File, size.load(Ordering::Relaxed), 0o444, 1),
+        };
+        Ok(Attr {
+            ino,
+            kind,
+            size,
+            blocks: size.div_ceil(512),
+            mtime: node.mtime,
+            perm: (perm & !self.owner.umask) as u16,
+            nlink,
+            uid: self.owner.uid,
+            gid: self.owner.gid,
+        })
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, FsError> {
+        let node = self.tree.get(parent).ok_or(FsError::NotFound)?;
+        let NodeKind::Dir { children } = &node.kind else {
+            return Err(FsError::NotDirectory);
+        };
+        let name = name.to_str().ok_or(FsError::NotFound)?;
+        let ino = *children.get(name).ok_or(FsError::NotFound)?;
+        self.attr(ino)
+    }
+
+    /// Entries of a directory from `offset` on, `.` and `..` first.
+    pub fn readdir(&self, ino: u64, offset: u64) -> Result<Vec<DirEntry>, FsError> {
+        let node = self.tree.get(ino).ok_or(FsError::NotFound)?;
+        let NodeKind::Dir { children } = &node.kind else {
+            return Err(FsError::NotDirectory);
+        };
+        let dots = [(ino, Kind::Dir, "."), (node.parent, Kind::Dir, "..")];
+        let entries = dots
+            .into_iter()
+            .map(|(ino, kind, name)| (ino, kind, name.to_string()))
+            .chain(children.iter().map(|(name, &child)| {
+                let kind = match self.tree.get(child).map(|n| &n.kind) {
+                    Some(NodeKind::Dir { .. }) => Kind::Dir,
+                    _ => Kind::File,
+                };
+                (child, kind, name.clone())
+            }))
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(index, (ino, kind, name))| DirEntry {
+                ino,
+                kind,
+                name,
+                next_offset: index as u64 + 1,
+            })
+            .collect();
+        Ok(entries)
+    }
+
+    /// Opens a file for reading, pinning the disk's current version.
+    pub async fn open(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return Err(FsError::ReadOnly);
+        }
+        let node = self.tree.get(ino).ok_or(FsError::NotFound)?;
+        let NodeKind::File { disk, size } = &node.kind else {
+            return Err(FsError::IsDirectory);
+        };
+        let path = self.tree.path_of(ino);
+        let (current_size, version) = self.provider.stat(disk).await.map_err(|source| {
+            tracing::warn!(%path, "open failed: {source}");
+            FsError::Provider {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        let listed = size.swap(current_size, Ordering::Relaxed);
+        if listed != current_size {
+            tracing::info!(%path, listed, current_size, "disk size changed since it was listed");
+        }
+        let reader = self
+            .read_path
+            .open(ino, Arc::clone(disk), version, current_size, path);
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(fh, Arc::new(Handle { ino, reader }));
+        Ok(fh)
+    }
+
+    pub fn handle(&self, fh: u64) -> Result<Arc<Handle>, FsError> {
+        self.handles
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)
+    }
+
+    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
+        let handle = self.handle(fh)?;
+        self.read_path.read(&handle.reader, offset, size).await
+    }
+
+    /// Closes a file: its fetches stop.
+    pub fn release(&self, fh: u64) {
+        let handle = self
+            .handles
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&fh);
+        if let Some(handle) = handle {
+            self.read_path.release(&handle.reader);
+        }
+    }
+
+    pub fn open_handles(&self) -> usize {
+        self.handles
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+
+    pub fn statfs(&self) -> StatFs {
+        StatFs {
+            blocks: self.tree.total_bytes().div_ceil(4096),
+            files: self.tree.len() as u64,
+            block_size: 4096,
+            name_max: names::NAME_MAX as u32,
+        }
+    }
+
+    /// The mount is going away: every fetch stops.
+    pub fn shutdown(&self) {
+        self.read_path.shutdown();
+    }
+}

@@ -1,0 +1,282 @@
+//! `-o a=b,c` parsing: one table of options, their units and their errors.
+//!
+//! Options that belong to mount(8) or systemd (`_netdev`, `nofail`, `x-*`..)
+//! are accepted and ignored, because mount(8) and fstab hand them to every
+//! helper. `rw` is accepted with a warning: mount(8) passes it by default and
+//! the mount is read-only either way. Anything else unknown is an error that
+//! names the option.
+
+use std::path::PathBuf;
+
+use crate::size::{parse_size, SizeError};
+
+/// Default memory for cached and read-ahead data, all files together.
+pub const DEFAULT_CACHE: u64 = 256 << 20;
+/// Smallest automatic burst: small enough to keep the rate smooth, large
+/// enough that one token wait covers a useful fetch.
+pub const MIN_AUTO_BURST: u64 = 64 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionError {
+    #[error("unknown option '{0}'")]
+    Unknown(String),
+    #[error("option '{0}' needs a value ({0}=...)")]
+    MissingValue(String),
+    #[error("option '{0}' takes no value")]
+    UnexpectedValue(String),
+    #[error("option '{name}': {source}")]
+    BadSize {
+        name: String,
+        #[source]
+        source: SizeError,
+    },
+    #[error("option '{name}': '{value}' is not {expected}")]
+    BadValue {
+        name: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("option '{0}' is not supported by this version of vmexportfs yet")]
+    NotYetSupported(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Burst {
+    Auto,
+    Bytes(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountOptions {
+    /// Bytes per second for the whole mount; `None` = unlimited, no limiter.
+    pub rate: Option<u64>,
+    pub burst: Burst,
+    pub cache: u64,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub profile: Option<String>,
+    pub credentials: Option<PathBuf>,
+    pub anonymous: bool,
+    pub user: Option<String>,
+    pub cafile: Option<PathBuf>,
+    pub insecure: bool,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub umask: Option<u32>,
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub default_permissions: bool,
+    /// `rw` was asked for; the mount stays read-only and says so.
+    pub rw_requested: bool,
+    /// Where a daemonized mount writes its log.
+    pub log: Option<PathBuf>,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            rate: None,
+            burst: Burst::Auto,
+            cache: DEFAULT_CACHE,
+            endpoint: None,
+            region: None,
+            profile: None,
+            credentials: None,
+            anonymous: false,
+            user: None,
+            cafile: None,
+            insecure: false,
+            uid: None,
+            gid: None,
+            umask: None,
+            allow_other: false,
+            allow_root: false,
+            default_permissions: false,
+            rw_requested: false,
+            log: None,
+        }
+    }
+}
+
+impl MountOptions {
+    /// The token bucket depth in force: `auto` is max(rate/10, 64K).
+    pub fn effective_burst(&self) -> Option<u64> {
+        let rate = self.rate?;
+        Some(match self.burst {
+            Burst::Auto => (rate / 10).max(MIN_AUTO_BURST),
+            Burst::Bytes(bytes) => bytes.max(1),
+        })
+    }
+
+    /// Parses one or more `-o` strings (each comma-separated), later values
+    /// overriding earlier ones as mount(8) does.
+    pub fn parse<'a>(groups: impl IntoIterator<Item = &'a str>) -> Result<Self, OptionError> {
+        let mut options = MountOptions::default();
+        for group in groups {
+            for item in group.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let (name, value) = match item.split_once('=') {
+                    Some((name, value)) => (name.trim(), Some(value.trim())),
+                    None => (item, None),
+                };
+                options.apply(name, value)?;
+            }
+        }
+        Ok(options)
+    }
+
+    fn apply(&mut self, name: &str, value: Option<&str>) -> Result<(), OptionError> {
+        let need = |value: Option<&str>| -> Result<String, OptionError> {
+            match value {
+                Some(v) if !v.is_empty() => Ok(v.to_string()),
+                _ => Err(OptionError::MissingValue(name.to_string())),
+            }
+        };
+        let flag = |value: Option<&str>| -> Result<bool, OptionError> {
+            match value {
+                None => Ok(true),
+                Some(_) => Err(OptionError::UnexpectedValue(name.to_string())),
+            }
+        };
+        let size = |value: Option<&str>| -> Result<u64, OptionError> {
+            parse_size(&need(value)?).map_err(|source| OptionError::BadSize {
+                name: name.to_string(),
+                source,
+            })
+        };
+        let number = |value: Option<&str>, radix: u32, expected: &'static str| {
+            let text = need(value)?;
+            u32::from_str_radix(&text, radix).map_err(|_| OptionError::BadValue {
+                name: name.to_string(),
+                value: text,
+                expected,
+            })
+        };
+        match name {
+            "rate" => {
+                self.rate = match need(value)?.as_str() {
+                    "off" | "0" => None,
+                    _ => Some(size(value)?).filter(|&r| r > 0),
+                }
+            }
+            "burst" => {
+                self.burst = match need(value)?.as_str() {
+                    "auto" => Burst::Auto,
+                    _ => Burst::Bytes(size(value)?),
+                }
+            }
+            "cache" => {
+                let bytes = size(value)?;
+                if bytes < (4 << 20) {
+                    return Err(OptionError::BadValue {
+                        name: name.to_string(),
+                        value: need(value)?,
+                        expected: "a size of at least 4M",
+                    });
+                }
+                self.cache = bytes;
+            }
+            "endpoint" => self.endpoint = Some(need(value)?),
+            "region" => self.region = Some(need(value)?),
+            "profile" => self.profile = Some(need(value)?),
+            "credentials" => self.credentials = Some(PathBuf::from(need(value)?)),
+            "anonymous" => self.anonymous = flag(value)?,
+            "user" if value.is_some() => self.user = Some(need(value)?),
+            "cafile" => self.cafile = Some(PathBuf::from(need(value)?)),
+            "insecure" => self.insecure = flag(value)?,
+            "uid" => self.uid = Some(number(value, 10, "a numeric user id")?),
+            "gid" => self.gid = Some(number(value, 10, "a numeric group id")?),
+            "umask" => {
+                let mask = number(value, 8, "an octal mask such as 022")?;
+                if mask > 0o777 {
+                    return Err(OptionError::BadValue {
+                        name: name.to_string(),
+                        value: need(value)?,
+                        expected: "an octal mask such as 022",
+                    });
+                }
+                self.umask = Some(mask);
+            }
+            "allow_other" => self.allow_other = flag(value)?,
+            "allow_root" => self.allow_root = flag(value)?,
+            "default_permissions" => self.default_permissions = flag(value)?,
+            "ro" => {
+                flag(value)?;
+                self.rw_requested = false;
+            }
+            "rw" => self.rw_requested = flag(value)?,
+            "log" => self.log = Some(PathBuf::from(need(value)?)),
+            "snapshot" | "schedule" | "file_rate" | "priority" | "fleet" | "fleet_key"
+            | "fleet_rate" | "fleet_fallback" | "control" | "metrics" => {
+                return Err(OptionError::NotYetSupported(name.to_string()))
+            }
+            // mount(8) and systemd options: theirs, not ours.
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "_netdev" | "nofail"
+            | "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "owner" | "group"
+            | "noatime" | "atime" | "relatime" | "nodiratime" | "comment" | "sync" | "async"
+            | "loop" | "helper" | "nosymfollow" => {}
+            _ if name.starts_with("x-") => {}
+            _ => return Err(OptionError::Unknown(name.to_string())),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_unlimited_with_256m_cache() {
+        let options = MountOptions::parse([""]).unwrap();
+        assert_eq!(options.rate, None);
+        assert_eq!(options.cache, 256 << 20);
+        assert_eq!(options.effective_burst(), None);
+    }
+
+    #[test]
+    fn rate_and_burst() {
+        let options = MountOptions::parse(["rate=50M"]).unwrap();
+        assert_eq!(options.rate, Some(52_428_800));
+        assert_eq!(options.effective_burst(), Some(5_242_880));
+        let options = MountOptions::parse(["rate=100K,burst=auto"]).unwrap();
+        assert_eq!(options.effective_burst(), Some(64 << 10));
+        let options = MountOptions::parse(["rate=10M,burst=1M"]).unwrap();
+        assert_eq!(options.effective_burst(), Some(1 << 20));
+        for off in ["rate=off", "rate=0", "rate=20M,rate=off"] {
+            assert_eq!(MountOptions::parse([off]).unwrap().rate, None, "{off}");
+        }
+    }
+
+    #[test]
+    fn mount8_options_are_ignored_and_rw_is_noted() {
+        let options =
+            MountOptions::parse(["rw,rate=10M,_netdev", "nofail,x-systemd.automount,noauto"])
+                .unwrap();
+        assert!(options.rw_requested);
+        assert_eq!(options.rate, Some(10 << 20));
+    }
+
+    #[test]
+    fn unknown_options_name_themselves() {
+        let err = MountOptions::parse(["rate=1M,bogus=3"]).unwrap_err();
+        assert_eq!(err.to_string(), "unknown option 'bogus'");
+        let err = MountOptions::parse(["rate=fast"]).unwrap_err();
+        assert!(err.to_string().starts_with("option 'rate':"), "{err}");
+        let err = MountOptions::parse(["rate"]).unwrap_err();
+        assert_eq!(err, OptionError::MissingValue("rate".into()));
+        let err = MountOptions::parse(["anonymous=yes"]).unwrap_err();
+        assert_eq!(err, OptionError::UnexpectedValue("anonymous".into()));
+        assert!(MountOptions::parse(["umask=999"]).is_err());
+        assert!(MountOptions::parse(["cache=1K"]).is_err());
+    }
+
+    #[test]
+    fn ownership_and_flags() {
+        let options =
+            MountOptions::parse(["uid=1000,gid=100,umask=027,allow_other,insecure"]).unwrap();
+        assert_eq!(options.uid, Some(1000));
+        assert_eq!(options.gid, Some(100));
+        assert_eq!(options.umask, Some(0o27));
+        assert!(options.allow_other && options.insecure);
+    }
+}

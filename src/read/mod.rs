@@ -1,0 +1,442 @@
+//! The read path: block cache, read-ahead, single flight, cancellation.
+//!
+//! Every `read()` is served from fixed-size blocks. A block is either in the
+//! [`BlockCache`], being fetched (the fetch is shared: concurrent misses on
+//! one block wait on the same fetch — single flight), or fetched now. A
+//! fetch takes tokens from the mount's throttle for exactly the bytes it asks
+//! the provider for, then reads them, retrying transient faults with
+//! exponential backoff and full jitter.
+//!
+//! Sequential readers get read-ahead ([`prefetch::Sequential`]): blocks past
+//! the one asked for are fetched in background tasks so that several fetches
+//! overlap; the kernel's own read-ahead adds more. The window is bounded by
+//! memory (fetch buffers come from a fixed budget and the cache holds the
+//! rest) and, when throttled, by what the rate delivers in a couple of
+//! seconds, so prefetched bytes never pile up while readers wait for tokens.
+//!
+//! Each open file owns a cancellation token, a child of the mount's. Its
+//! fetches run under it: closing the file, killing the reader or unmounting
+//! cancels them, including their place in the throttle queue.
+
+pub mod cache;
+pub mod prefetch;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::FsError;
+use crate::provider::{DiskEntry, Provider, ProviderError, Version};
+use crate::throttle::Throttle;
+use cache::{BlockCache, BlockKey};
+use prefetch::Sequential;
+
+#[derive(Debug, Clone)]
+pub struct ReadConfig {
+    /// Unit of fetching and caching. 1 MiB matches the kernel's largest read
+    /// request once the mount's read-ahead is raised, so most reads are
+    /// served from one block without copying.
+    pub block_size: u64,
+    /// Memory for cached and in-flight data, all files together.
+    pub memory: u64,
+    /// Read-ahead ceiling per file: past a few dozen MiB more overlap buys
+    /// nothing on any link we have measured, it only holds memory.
+    pub max_window: u64,
+    /// Retries of a transient provider fault before the read fails.
+    pub max_retries: u32,
+    /// First backoff; doubles per retry, capped at `max_backoff`.
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for ReadConfig {
+    fn default() -> Self {
+        ReadConfig {
+            block_size: 1 << 20,
+            memory: crate::options::DEFAULT_CACHE,
+            max_window: 32 << 20,
+            max_retries: 6,
+            base_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters of the mount's read path.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub bytes_fetched: AtomicU64,
+    pub bytes_served: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub fetches: AtomicU64,
+    pub fetch_errors: AtomicU64,
+    pub retries: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+enum FetchError {
+    Cancelled,
+    Failed(Arc<ProviderError>),
+}
+
+type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
+
+enum Lookup {
+    Ready(Bytes),
+    Pending(SharedFetch),
+}
+
+/// One open file: a disk pinned at one version, and its reader's state.
+pub struct FileReader {
+    disk: Arc<DiskEntry>,
+    version: Version,
+    size: u64,
+    key: u64,
+    /// Path inside the mount, for log lines.
+    path: String,
+    cancel: CancellationToken,
+    sequential: Mutex<Sequential>,
+}
+
+impl FileReader {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+pub struct ReadPath {
+    provider: Arc<dyn Provider>,
+    throttle: Option<Arc<Throttle>>,
+    cache: BlockCache,
+    inflight: Mutex<HashMap<BlockKey, SharedFetch>>,
+    /// Bounds the buffers of fetches in flight, one permit per block.
+    fetch_slots: Arc<Semaphore>,
+    config: ReadConfig,
+    cache_capacity: u64,
+    open_files: AtomicUsize,
+    shutdown: CancellationToken,
+    pub stats: Stats,
+}
+
+/// Identifies a disk at one version, so blocks of two versions never mix.
+fn file_key(ino: u64, version: &Version) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ ino;
+    for byte in version.0.bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+impl ReadPath {
+    pub fn new(
+        provider: Arc<dyn Provider>,
+        throttle: Option<Arc<Throttle>>,
+        config: ReadConfig,
+    ) -> Arc<Self> {
+        // A quarter of the memory for buffers being filled, the rest for
+        // blocks ready to serve (read-ahead lands there too).
+        let slots = (config.memory / 4 / config.block_size).max(2);
+        let cache_capacity = config
+            .memory
+            .saturating_sub(slots * config.block_size)
+            .max(config.block_size);
+        Arc::new(ReadPath {
+            provider,
+            throttle,
+            cache: BlockCache::new(cache_capacity),
+            inflight: Mutex::new(HashMap::new()),
+            fetch_slots: Arc::new(Semaphore::new(slots as usize)),
+            config,
+            cache_capacity,
+            open_files: AtomicUsize::new(0),
+            shutdown: CancellationToken::new(),
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn throttle(&self) -> Option<&Arc<Throttle>> {
+        self.throttle.as_ref()
+    }
+
+    pub fn config(&self) -> &ReadConfig {
+        &self.config
+    }
+
+    /// Cancels every fetch of every file: the mount is going away.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    pub fn open(
+        &self,
+        ino: u64,
+        disk: Arc<DiskEntry>,
+        version: Version,
+        size: u64,
+        path: String,
+    ) -> Arc<FileReader> {
+        self.open_files.fetch_add(1, Ordering::Relaxed);
+        Arc::new(FileReader {
+            key: file_key(ino, &version),
+            disk,
+            version,
+            size,
+            path,
+            cancel: self.shutdown.child_token(),
+            sequential: Mutex::new(Sequential::default()),
+        })
+    }
+
+    /// The file is closed: its fetches stop, queued or running.
+    pub fn release(&self, reader: &FileReader) {
+        reader.cancel.cancel();
+        self.open_files.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn max_window(&self) -> u64 {
+        let readers = self.open_files.load(Ordering::Relaxed).max(1) as u64;
+        let by_memory = self.cache_capacity / (2 * readers);
+        let by_rate = match &self.throttle {
+            Some(throttle) => (2 * throttle.rate()).max(2 * self.config.block_size),
+            None => u64::MAX,
+        };
+        self.config
+            .max_window
+            .min(by_memory)
+            .min(by_rate)
+            .max(self.config.block_size)
+    }
+
+    /// Up to `size` bytes at `offset`; fewer only at the end of the file.
+    pub async fn read(
+        self: &Arc<Self>,
+        reader: &Arc<FileReader>,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, FsError> {
+        if offset >= reader.size || size == 0 {
+            return Ok(Bytes::new());
+        }
+        let block_size = self.config.block_size;
+        let end = (offset + u64::from(size)).min(reader.size);
+        let first = offset / block_size;
+        let last = (end - 1) / block_size;
+        let ahead = {
+            let file_blocks = reader.size.div_ceil(block_size);
+            let mut sequential = reader
+                .sequential
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            sequential.on_read(
+                offset,
+                end - offset,
+                block_size,
+                self.max_window(),
+                file_blocks,
+            )
+        };
+
+        // Blocks asked for go to the throttle queue before read-ahead does.
+        let first_lookup = self.lookup(reader, first);
+        let rest: Vec<Lookup> = (first + 1..=last).map(|i| self.lookup(reader, i)).collect();
+        for index in ahead {
+            if let Lookup::Pending(fetch) = self.lookup(reader, index) {
+                drop(fetch); // runs on in its task
+            }
+        }
+
+        let block = self.resolve(reader, first, first_lookup).await?;
+        let start = (offset - first * block_size) as usize;
+        let data = if rest.is_empty() {
+            block.slice(start..start + (end - offset) as usize)
+        } else {
+            let mut out = BytesMut::with_capacity((end - offset) as usize);
+            out.extend_from_slice(&block[start..]);
+            for (index, lookup) in (first + 1..=last).zip(rest) {
+                let block = self.resolve(reader, index, lookup).await?;
+                let take = ((end - index * block_size) as usize).min(block.len());
+                out.extend_from_slice(&block[..take]);
+            }
+            out.freeze()
+        };
+        self.stats
+            .bytes_served
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// Waits for a block, fetching it again if the fetch it joined belonged
+    /// to another file that was closed meanwhile.
+    async fn resolve(
+        self: &Arc<Self>,
+        reader: &Arc<FileReader>,
+        index: u64,
+        mut lookup: Lookup,
+    ) -> Result<Bytes, FsError> {
+        loop {
+            let fetch = match lookup {
+                Lookup::Ready(block) => return Ok(block),
+                Lookup::Pending(fetch) => fetch,
+            };
+            match fetch.await {
+                Ok(block) => return Ok(block),
+                Err(FetchError::Cancelled) if !reader.cancel.is_cancelled() => {
+                    lookup = self.lookup(reader, index);
+                }
+                Err(FetchError::Cancelled) => return Err(FsError::Cancelled),
+                Err(FetchError::Failed(err)) => {
+                    return Err(FsError::Provider {
+                        path: reader.path.clone(),
+                        source: clone_error(&err),
+                    })
+                }
+            }
+        }
+    }
+
+    /// The block from the cache, or the fetch that will produce it (joining
+    /// one in flight, or starting one).
+    fn lookup(self: &Arc<Self>, reader: &Arc<FileReader>, index: u64) -> Lookup {
+        let key = BlockKey {
+            file: reader.key,
+            index,
+        };
+        if let Some(block) = self.cache.get(&key) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Ready(block);
+        }
+        let mut inflight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(fetch) = inflight.get(&key) {
+            return Lookup::Pending(fetch.clone());
+        }
+        // A fetch may have finished between the two looks.
+        if let Some(block) = self.cache.get(&key) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Ready(block);
+        }
+        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        let this = Arc::clone(self);
+        let owner = Arc::clone(reader);
+        // Spawned while the map is locked, so the task's own removal from
+        // the map always comes after its insertion.
+        let task = tokio::spawn(async move {
+            let result = tokio::select! {
+                biased;
+                _ = owner.cancel.cancelled() => Err(FetchError::Cancelled),
+                result = this.fetch_block(&owner, index) => result,
+            };
+            if let Ok(block) = &result {
+                this.cache.insert(key, block.clone());
+            }
+            this.inflight
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&key);
+            result
+        });
+        let fetch = async move { task.await.unwrap_or(Err(FetchError::Cancelled)) }
+            .boxed()
+            .shared();
+        inflight.insert(key, fetch.clone());
+        Lookup::Pending(fetch)
+    }
+
+    async fn fetch_block(&self, reader: &FileReader, index: u64) -> Result<Bytes, FetchError> {
+        let offset = index * self.config.block_size;
+        let len = self.config.block_size.min(reader.size - offset);
+        let _slot = self
+            .fetch_slots
+            .acquire()
+            .await
+            .map_err(|_| FetchError::Cancelled)?;
+        let mut attempt = 0;
+        loop {
+            if let Some(throttle) = &self.throttle {
+                throttle.acquire(len).await;
+            }
+            self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+            match self
+                .provider
+                .read(&reader.disk, &reader.version, offset, len as usize)
+                .await
+            {
+                Ok(block) if block.len() as u64 == len => {
+                    self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+                    return Ok(block);
+                }
+                Ok(block) => {
+                    return Err(self.failed(
+                        reader,
+                        offset,
+                        len,
+                        ProviderError::Protocol(format!(
+                            "asked for {len} bytes, got {}",
+                            block.len()
+                        )),
+                    ))
+                }
+                Err(err) if err.is_transient() && attempt < self.config.max_retries => {
+                    let pause = backoff(attempt, self.config.base_backoff, self.config.max_backoff);
+                    tracing::info!(
+                        path = %reader.path, offset, len, attempt = attempt + 1,
+                        "read failed, retrying in {pause:?}: {err}"
+                    );
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                Err(err) => return Err(self.failed(reader, offset, len, err)),
+            }
+        }
+    }
+
+    fn failed(&self, reader: &FileReader, offset: u64, len: u64, err: ProviderError) -> FetchError {
+        self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(path = %reader.path, offset, len, "read failed: {err}");
+        FetchError::Failed(Arc::new(err))
+    }
+}
+
+/// Full jitter: a random pause in [0, min(max, base·2^attempt)], so that
+/// many readers retrying together spread out.
+fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
+    let ceiling = base.saturating_mul(1 << attempt.min(16)).min(max);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    // A cheap mix of the clock is random enough to de-synchronise retries.
+    let mixed = u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11;
+    let fraction = (mixed % 1_000_001) as f64 / 1_000_000.0;
+    ceiling.mul_f64(fraction)
+}
+
+/// Provider errors are shared by every waiter of a fetch; each waiter gets
+/// its own copy for its own error chain.
+fn clone_error(err: &ProviderError) -> ProviderError {
+    match err {
+        ProviderError::Changed { pinned } => ProviderError::Changed {
+            pinned: pinned.clone(),
+        },
+        ProviderError::NotFound(s) => ProviderError::NotFound(s.clone()),
+        ProviderError::Denied(s) => ProviderError::Denied(s.clone()),
+        ProviderError::Unreachable(s) => ProviderError::Unreachable(s.clone()),
+        ProviderError::Protocol(s) => ProviderError::Protocol(s.clone()),
+        ProviderError::Io(e) => ProviderError::Io(std::io::Error::new(e.kind(), e.to_string())),
+        ProviderError::Config(s) => ProviderError::Config(s.clone()),
+    }
+}

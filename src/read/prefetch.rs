@@ -1,0 +1,109 @@
+//! Sequential detection and the read-ahead window of one open file.
+//!
+//! The kernel already reads ahead in 1 MiB requests and sends several at
+//! once, slightly out of order, so a read counts as sequential when it lands
+//! within the window (or a few blocks) of where the last one ended. While
+//! reads stay sequential the window doubles, up to a limit the read path sets
+//! from memory and rate; a random read drops it to nothing, so random access
+//! never pays for bytes it will not use.
+
+use std::ops::Range;
+
+#[derive(Debug, Default)]
+pub struct Sequential {
+    next_offset: u64,
+    window: u64,
+    /// Blocks below this index were already asked for.
+    issued_until: u64,
+}
+
+/// Blocks of slack for reordered kernel requests.
+const REORDER_BLOCKS: u64 = 4;
+
+impl Sequential {
+    /// Records a read of `[offset, offset+len)` and returns the blocks to
+    /// fetch ahead of it.
+    pub fn on_read(
+        &mut self,
+        offset: u64,
+        len: u64,
+        block_size: u64,
+        max_window: u64,
+        file_blocks: u64,
+    ) -> Range<u64> {
+        let slack = self.window.max(REORDER_BLOCKS * block_size);
+        let sequential = offset.abs_diff(self.next_offset) <= slack;
+        let end = offset + len;
+        if sequential {
+            self.window = if self.window == 0 {
+                2 * block_size
+            } else {
+                self.window.saturating_mul(2)
+            }
+            .min(max_window);
+            self.next_offset = self.next_offset.max(end);
+        } else {
+            self.window = 0;
+            self.issued_until = 0;
+            self.next_offset = end;
+        }
+        let last_block = end.saturating_sub(1) / block_size;
+        let target = (last_block + 1 + self.window / block_size).min(file_blocks);
+        let from = self.issued_until.max(last_block + 1);
+        self.issued_until = self.issued_until.max(target);
+        from..target.max(from)
+    }
+
+    pub fn window(&self) -> u64 {
+        self.window
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: u64 = 1 << 20;
+
+    #[test]
+    fn window_grows_while_sequential_and_never_repeats_blocks() {
+        let mut seq = Sequential::default();
+        let mut asked = Vec::new();
+        for i in 0..8 {
+            asked.extend(seq.on_read(i * B, B, B, 16 * B, 1000));
+        }
+        assert_eq!(seq.window(), 16 * B);
+        let mut sorted = asked.clone();
+        sorted.dedup();
+        assert_eq!(asked, sorted, "no block is asked for twice");
+        assert_eq!(*asked.first().unwrap(), 1);
+        assert_eq!(*asked.last().unwrap(), 7 + 16);
+    }
+
+    #[test]
+    fn random_reads_fetch_nothing_ahead() {
+        let mut seq = Sequential::default();
+        seq.on_read(0, B, B, 16 * B, 1000);
+        assert!(seq.on_read(500 * B, 4096, B, 16 * B, 1000).is_empty());
+        assert!(seq.on_read(100 * B, 4096, B, 16 * B, 1000).is_empty());
+        assert_eq!(seq.window(), 0);
+    }
+
+    #[test]
+    fn slightly_reordered_reads_stay_sequential() {
+        let mut seq = Sequential::default();
+        seq.on_read(0, B, B, 8 * B, 1000);
+        seq.on_read(2 * B, B, B, 8 * B, 1000);
+        seq.on_read(B, B, B, 8 * B, 1000);
+        assert!(seq.window() >= 4 * B);
+    }
+
+    #[test]
+    fn never_past_the_end_of_the_file() {
+        let mut seq = Sequential::default();
+        for i in 0..5 {
+            let ahead = seq.on_read(i * B, B, B, 64 * B, 6);
+            assert!(ahead.end <= 6);
+        }
+    }
+}
