@@ -77,7 +77,7 @@ pub fn main() -> i32 {
 /// Logs to stderr at `info` unless RUST_LOG says otherwise.
 pub(crate) fn init_stderr_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

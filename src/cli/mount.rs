@@ -453,7 +453,7 @@ fn init_file_logging(path: &Path) -> anyhow::Result<()> {
         .open(path)
         .with_context(|| format!("log file {}", path.display()))?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)

@@ -71,6 +71,8 @@ impl Tree {
         for dir in &inventory.empty_dirs {
             tree.make_dirs(&mut dirs, dir, SystemTime::UNIX_EPOCH);
         }
+        let newest = tree.nodes.iter().map(|node| node.mtime).max();
+        tree.nodes[0].mtime = newest.unwrap_or(SystemTime::UNIX_EPOCH);
         tree
     }
 

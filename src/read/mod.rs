@@ -11,8 +11,9 @@
 //! the one asked for are fetched in background tasks so that several fetches
 //! overlap; the kernel's own read-ahead adds more. The window is bounded by
 //! memory (fetch buffers come from a fixed budget and the cache holds the
-//! rest) and, when throttled, by what the rate delivers in a couple of
-//! seconds, so prefetched bytes never pile up while readers wait for tokens.
+//! rest) and, when throttled, by what the reader's share of the rate
+//! delivers in half a second, so prefetched bytes never pile up while
+//! readers wait for tokens.
 //!
 //! Each open file owns a cancellation token, a child of the mount's. Its
 //! fetches run under it: closing the file, killing the reader or unmounting
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::FsError;
 use crate::provider::{DiskEntry, Provider, ProviderError, Version};
-use crate::throttle::Throttle;
+use crate::throttle::{Flow, Throttle};
 use cache::{BlockCache, BlockKey};
 use prefetch::Sequential;
 
@@ -103,6 +104,7 @@ pub struct FileReader {
     path: String,
     cancel: CancellationToken,
     sequential: Mutex<Sequential>,
+    flow: Flow,
 }
 
 impl FileReader {
@@ -195,6 +197,7 @@ impl ReadPath {
             path,
             cancel: self.shutdown.child_token(),
             sequential: Mutex::new(Sequential::default()),
+            flow: Flow::new(),
         })
     }
 
@@ -207,8 +210,11 @@ impl ReadPath {
     fn max_window(&self) -> u64 {
         let readers = self.open_files.load(Ordering::Relaxed).max(1) as u64;
         let by_memory = self.cache_capacity / (2 * readers);
+        // Half a second of each reader's share of the rate: enough to keep
+        // fetches overlapping, little enough that bytes fetched ahead do not
+        // sit in memory while the reader waits for tokens.
         let by_rate = match &self.throttle {
-            Some(throttle) => (2 * throttle.rate()).max(2 * self.config.block_size),
+            Some(throttle) => (throttle.rate() / 2 / readers).max(2 * self.config.block_size),
             None => u64::MAX,
         };
         self.config
@@ -366,7 +372,7 @@ impl ReadPath {
         let mut attempt = 0;
         loop {
             if let Some(throttle) = &self.throttle {
-                throttle.acquire(len).await;
+                throttle.acquire(&reader.flow, len).await;
             }
             self.stats.fetches.fetch_add(1, Ordering::Relaxed);
             match self

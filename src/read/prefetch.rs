@@ -18,7 +18,7 @@ pub struct Sequential {
 }
 
 /// Blocks of slack for reordered kernel requests.
-const REORDER_BLOCKS: u64 = 4;
+const REORDER_BLOCKS: u64 = 16;
 
 impl Sequential {
     /// Records a read of `[offset, offset+len)` and returns the blocks to

@@ -8,8 +8,13 @@
 //! governor does not queue waiters and refuses a charge larger than the
 //! burst. Both are handled here: a FIFO mutex admits one waiter at a time, in
 //! arrival order, and every charge is taken in pieces no larger than the
-//! burst. Each piece queues again, so concurrent readers interleave piece by
-//! piece and share the rate fairly.
+//! burst. Each piece queues again, so charges interleave piece by piece.
+//!
+//! Arrival order alone would share the rate by the number of fetches each
+//! reader keeps queued, and read-ahead makes that differ from reader to
+//! reader. So every reader charges through its own [`Flow`], which lets one
+//! of its charges at a time into the queue: with N readers waiting the queue
+//! holds one charge of each, and they are served round-robin.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +23,26 @@ use std::time::Duration;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 const CELL: u64 = 1024;
+
+/// One reader's place in the throttle: at most one of its charges waits in
+/// the shared queue at a time.
+pub struct Flow {
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl Flow {
+    pub fn new() -> Self {
+        Flow {
+            turn: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl Default for Flow {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 pub struct Throttle {
     limiter: DefaultDirectRateLimiter,
@@ -64,7 +89,8 @@ impl Throttle {
 
     /// Waits until `bytes` may be fetched. Cancel-safe: dropping the future
     /// gives up the place in the queue; pieces already taken stay spent.
-    pub async fn acquire(&self, bytes: u64) {
+    pub async fn acquire(&self, flow: &Flow, bytes: u64) {
+        let _turn = flow.turn.lock().await;
         let started = std::time::Instant::now();
         let mut remaining = bytes;
         while remaining > 0 {
@@ -97,11 +123,12 @@ mod tests {
     async fn holds_the_rate_after_the_burst() {
         let rate = 8 << 20;
         let throttle = Throttle::new(rate, 256 << 10);
-        throttle.acquire(256 << 10).await; // drain the initial bucket
+        let flow = Flow::new();
+        throttle.acquire(&flow, 256 << 10).await; // drain the initial bucket
         let started = Instant::now();
         let total = 4 << 20;
         for _ in 0..(total / (100 << 10)) {
-            throttle.acquire(100 << 10).await;
+            throttle.acquire(&flow, 100 << 10).await;
         }
         let elapsed = started.elapsed().as_secs_f64();
         let expected = (total / (100 << 10) * (100 << 10)) as f64 / rate as f64;
@@ -115,7 +142,7 @@ mod tests {
     async fn charges_larger_than_the_burst_are_split() {
         let throttle = Throttle::new(4 << 20, 64 << 10);
         let started = Instant::now();
-        throttle.acquire(1 << 20).await;
+        throttle.acquire(&Flow::new(), 1 << 20).await;
         let elapsed = started.elapsed().as_secs_f64();
         // 64 KiB come from the full bucket, the rest at 4 MiB/s.
         let expected = ((1 << 20) - (64 << 10)) as f64 / (4 << 20) as f64;
@@ -128,11 +155,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn odd_sizes_are_charged_exactly() {
         let throttle = Throttle::new(1 << 20, 64 << 10);
-        throttle.acquire(64 << 10).await;
+        let flow = Flow::new();
+        throttle.acquire(&flow, 64 << 10).await;
         let started = Instant::now();
         // 2000 charges of 333 bytes = 666,000 bytes ≈ 0.635 s at 1 MiB/s.
         for _ in 0..2000 {
-            throttle.acquire(333).await;
+            throttle.acquire(&flow, 333).await;
         }
         let elapsed = started.elapsed().as_secs_f64();
         let expected = 666_000.0 / (1 << 20) as f64;
@@ -142,26 +170,35 @@ mod tests {
         );
     }
 
+    /// Readers that keep different numbers of charges queued (as read-ahead
+    /// windows of different depths do) still get equal shares.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_waiters_share_fairly() {
-        let throttle = Arc::new(Throttle::new(4 << 20, 64 << 10));
+    async fn readers_share_fairly_whatever_their_queue_depth() {
+        let throttle = Arc::new(Throttle::new(4 << 20, 1 << 20));
+        // Drain the initial bucket, so that the first task spawned does not
+        // take the whole burst before the others run.
+        throttle.acquire(&Flow::new(), 1 << 20).await;
         let deadline = Instant::now() + Duration::from_millis(1500);
+        let got = Arc::new([(); 4].map(|_| AtomicU64::new(0)));
         let mut tasks = Vec::new();
-        for _ in 0..4 {
-            let throttle = throttle.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut got = 0u64;
-                while Instant::now() < deadline {
-                    throttle.acquire(256 << 10).await;
-                    got += 256 << 10;
-                }
-                got
-            }));
+        for reader in 0..4usize {
+            let flow = Arc::new(Flow::new());
+            for _ in 0..(1 + reader * 4) {
+                let (throttle, flow, got) = (throttle.clone(), flow.clone(), got.clone());
+                tasks.push(tokio::spawn(async move {
+                    while Instant::now() < deadline {
+                        throttle.acquire(&flow, 128 << 10).await;
+                        if Instant::now() < deadline {
+                            got[reader].fetch_add(128 << 10, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
         }
-        let mut shares = Vec::new();
         for task in tasks {
-            shares.push(task.await.unwrap());
+            task.await.unwrap();
         }
+        let shares: Vec<u64> = got.iter().map(|g| g.load(Ordering::Relaxed)).collect();
         let min = *shares.iter().min().unwrap() as f64;
         let max = *shares.iter().max().unwrap() as f64;
         assert!(max / min < 1.3, "unfair shares {shares:?}");

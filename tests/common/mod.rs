@@ -1,0 +1,330 @@
+//! Shared fixtures for the mount tests: real mounts of the real binary,
+//! real stand-in servers, and guards that clean up even when a test fails.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const MIB: u64 = 1 << 20;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_vmexportfs")
+}
+
+/// Fails (never skips) when a tool the tests need is missing.
+pub fn require_tool(name: &str) {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed: run scripts/install-test-deps.sh (the tests never skip)"
+    );
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let wanted = path.to_string_lossy().replace(' ', "\\040");
+    mounts
+        .lines()
+        .any(|line| line.split(' ').nth(4) == Some(wanted.as_str()))
+}
+
+/// A mount made with `vmexportfs mount` (daemonized), unmounted on drop.
+pub struct Mount {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub log: PathBuf,
+    pub pid: u32,
+}
+
+impl Mount {
+    pub fn new(source: &str, options: &str) -> Mount {
+        Self::try_new(source, options).unwrap_or_else(|err| panic!("mount {source}: {err}"))
+    }
+
+    pub fn try_new(source: &str, options: &str) -> Result<Mount, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("vmx-test-")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        let log = dir.path().join("mount.log");
+        let options = if options.is_empty() {
+            format!("log={}", log.display())
+        } else {
+            format!("{options},log={}", log.display())
+        };
+        let output = Command::new(bin())
+            .args(["mount", source])
+            .arg(&path)
+            .args(["-o", &options])
+            .env("RUST_LOG", "vmexportfs=debug,info")
+            .output()
+            .unwrap();
+        if !output.status.success() {
+            assert!(!is_mounted(&path), "a failed mount left {path:?} mounted");
+            return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+        }
+        let pid = daemon_pid(&path).expect("the mount daemon is running");
+        Ok(Mount {
+            _dir: dir,
+            path,
+            log,
+            pid,
+        })
+    }
+
+    pub fn file(&self, relative: &str) -> PathBuf {
+        self.path.join(relative)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Peak resident memory of the mount process, in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM in /proc/PID/status")
+            * 1024
+    }
+
+    pub fn unmount(&self) {
+        unmount(&self.path, self.pid);
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.unmount();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- mount log {} ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+pub fn unmount(path: &Path, pid: u32) {
+    if is_mounted(path) {
+        let ok = Command::new("umount")
+            .arg(path)
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(path).status();
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        if std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if Path::new(&format!("/proc/{pid}")).exists() {
+        // SAFETY: plain kill of a process id we started.
+        unsafe {
+            libc::kill(pid as i32, libc::SIGKILL);
+        }
+    }
+}
+
+/// The pid of the `vmexportfs mount ... MOUNTPOINT` process.
+pub fn daemon_pid(mountpoint: &Path) -> Option<u32> {
+    let wanted = mountpoint.to_string_lossy().into_owned();
+    for entry in std::fs::read_dir("/proc").ok()? {
+        let entry = entry.ok()?;
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.iter().any(|a| a.ends_with("vmexportfs"))
+            && args.iter().any(|a| a == "mount")
+            && args.contains(&wanted)
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// nginx serving `root` on a free loopback port, with an access log that
+/// records each request's Range header.
+pub struct Nginx {
+    dir: tempfile::TempDir,
+    child: Child,
+    pub port: u16,
+    pub access_log: PathBuf,
+}
+
+impl Nginx {
+    pub fn start(root: &Path) -> Nginx {
+        require_tool("nginx");
+        let dir = tempfile::Builder::new()
+            .prefix("vmx-nginx-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let access_log = dir.path().join("access.log");
+        let d = dir.path().display();
+        let config = format!(
+            "daemon off; master_process off; user root; worker_processes 1;\n\
+             pid {d}/nginx.pid; error_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n\
+               log_format ranged '$request_uri $status $http_range';\n\
+               access_log {d}/access.log ranged;\n\
+               client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+               fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+               sendfile on; tcp_nopush on; keepalive_requests 100000;\n\
+               types {{ application/json json; }} default_type application/octet-stream;\n\
+               server {{ listen 127.0.0.1:{port}; root {}; }}\n\
+             }}\n",
+            root.display()
+        );
+        let conf = dir.path().join("nginx.conf");
+        std::fs::write(&conf, config).unwrap();
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .arg("-p")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting nginx");
+        wait_for_port(port);
+        Nginx {
+            dir,
+            child,
+            port,
+            access_log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!(
+            "http://127.0.0.1:{}/{}",
+            self.port,
+            path.trim_start_matches('/')
+        )
+    }
+
+    /// Access log lines for `path` so far.
+    pub fn requests_for(&self, path: &str) -> usize {
+        std::fs::read_to_string(&self.access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.split(' ').next() == Some(path))
+            .count()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = &self.dir;
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A file of `size` bytes of pseudo-random data that differs per `seed`.
+pub fn write_random_file(path: &Path, size: u64, seed: u64) {
+    use std::io::Write;
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut left = size;
+    let mut chunk = vec![0u8; 1 << 20];
+    while left > 0 {
+        for word in chunk.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes()[..word.len()]);
+        }
+        let n = left.min(chunk.len() as u64) as usize;
+        file.write_all(&chunk[..n]).unwrap();
+        left -= n as u64;
+    }
+}
+
+/// sha256 of a file, by coreutils.
+pub fn sha256(path: &Path) -> String {
+    let output = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(output.status.success(), "sha256sum {path:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Runs a shell command, panicking with its output when it fails.
+pub fn sh(command: &str) -> String {
+    let output = Command::new("sh").args(["-c", command]).output().unwrap();
+    assert!(
+        output.status.success(),
+        "`{command}` failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Reads a whole file through the mount and returns (bytes, seconds).
+pub fn timed_read(path: &Path) -> (u64, f64) {
+    let started = Instant::now();
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0u64;
+    loop {
+        let n = file.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    (total, started.elapsed().as_secs_f64())
+}

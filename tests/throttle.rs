@@ -1,0 +1,149 @@
+//! The mount's one token bucket, measured through real mounts.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn assert_within(achieved: f64, target: f64, tolerance: f64, what: &str) {
+    let ratio = achieved / target;
+    assert!(
+        (ratio - 1.0).abs() <= tolerance,
+        "{what}: {achieved:.0} B/s is {:.1}% of {target:.0} B/s",
+        ratio * 100.0
+    );
+}
+
+#[test]
+fn a_copy_lands_within_5_percent_of_the_rate() {
+    let rate = 20.0 * MIB as f64;
+    let mount = Mount::new("demo://", "rate=20M");
+    let (bytes, seconds) = timed_read(&mount.file("web-01/web-01-disk0.vmdk"));
+    assert_eq!(bytes, 96 * MIB);
+    assert_within(bytes as f64 / seconds, rate, 0.05, "demo rate=20M");
+}
+
+#[test]
+fn a_copy_over_http_lands_within_5_percent_of_the_rate() {
+    let www = tempfile::tempdir().unwrap();
+    write_random_file(&www.path().join("disk.raw"), 100 * MIB, 3);
+    std::fs::write(
+        www.path().join("manifest.json"),
+        r#"{"vms":[{"name":"vm","disks":[{"name":"disk.raw","url":"disk.raw"}]}]}"#,
+    )
+    .unwrap();
+    let nginx = Nginx::start(www.path());
+    let mount = Mount::new(&nginx.url("manifest.json"), "rate=25M");
+    let (bytes, seconds) = timed_read(&mount.file("vm/disk.raw"));
+    assert_eq!(bytes, 100 * MIB);
+    assert_within(
+        bytes as f64 / seconds,
+        25.0 * MIB as f64,
+        0.05,
+        "http rate=25M",
+    );
+}
+
+#[test]
+fn four_concurrent_readers_share_the_rate_fairly() {
+    let rate = 40 * MIB;
+    let mount = Mount::new("demo://", "rate=40M");
+    let disks = [
+        "web-01/web-01-disk1.vmdk",
+        "db-01/db-01-disk0.vmdk",
+        "db-01/db-01-data.vhdx",
+        "app-01/app-01-disk0.qcow2",
+    ];
+    let run_for = Duration::from_secs(6);
+    let barrier = Arc::new(Barrier::new(disks.len()));
+    let readers: Vec<_> = disks
+        .iter()
+        .map(|disk| {
+            let path = mount.file(disk);
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut file = std::fs::File::open(path).unwrap();
+                let mut buf = vec![0u8; 1 << 20];
+                barrier.wait();
+                let started = Instant::now();
+                let mut total = 0u64;
+                while started.elapsed() < run_for {
+                    total += file.read(&mut buf).unwrap() as u64;
+                }
+                total as f64 / started.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
+    let rates: Vec<f64> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    let total: f64 = rates.iter().sum();
+    assert_within(total, rate as f64, 0.08, "4 readers together");
+    for (disk, reader_rate) in disks.iter().zip(&rates) {
+        assert_within(
+            *reader_rate,
+            rate as f64 / 4.0,
+            0.2,
+            &format!("share of {disk}"),
+        );
+    }
+}
+
+#[test]
+fn rate_off_puts_no_limiter_in_the_path() {
+    let plain = Mount::new("demo://", "");
+    let (bytes, plain_seconds) = timed_read(&plain.file("web-01/web-01-disk1.vmdk"));
+    assert_eq!(bytes, 1 << 30);
+    drop(plain);
+    let off = Mount::new("demo://", "rate=off");
+    assert!(
+        off.log_text().contains("rate unlimited"),
+        "{}",
+        off.log_text()
+    );
+    let (bytes, off_seconds) = timed_read(&off.file("web-01/web-01-disk1.vmdk"));
+    assert_eq!(bytes, 1 << 30);
+    let (plain_rate, off_rate) = (bytes as f64 / plain_seconds, bytes as f64 / off_seconds);
+    assert!(
+        off_rate >= 0.8 * plain_rate,
+        "rate=off {off_rate:.0} B/s vs no option {plain_rate:.0} B/s"
+    );
+}
+
+#[test]
+fn memory_stays_bounded_with_8_readers_of_large_disks() {
+    let cache = 64 * MIB;
+    let mount = Mount::new("demo://", "cache=64M");
+    let readers: Vec<_> = (0..8)
+        .map(|i| {
+            let disk = ["db-01/db-01-disk0.vmdk", "db-01/db-01-data.vhdx"][i % 2];
+            let path = mount.file(disk);
+            std::thread::spawn(move || {
+                use std::io::{Read, Seek, SeekFrom};
+                let mut file = std::fs::File::open(path).unwrap();
+                // Readers spread over the disk so they share no blocks.
+                file.seek(SeekFrom::Start(i as u64 * 512 * MIB)).unwrap();
+                let mut buf = vec![0u8; 1 << 20];
+                let mut total = 0u64;
+                while total < 384 * MIB {
+                    let n = file.read(&mut buf).unwrap();
+                    assert!(n > 0);
+                    total += n as u64;
+                }
+            })
+        })
+        .collect();
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    let peak = mount.peak_rss();
+    let overhead = 48 * MIB;
+    assert!(
+        peak <= cache + overhead,
+        "peak RSS {} MiB > cache {} MiB + {} MiB",
+        peak / MIB,
+        cache / MIB,
+        overhead / MIB
+    );
+}
