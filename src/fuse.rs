@@ -1,9 +1,10 @@
 //! The thin fuser adapter: translate each kernel request into a call on the
 //! filesystem core and its result into a reply. No logic lives here.
 //!
-//! Metadata answers come from memory and are replied inline. `open` and
-//! `read` await the provider, so they move into tokio tasks and the fuser
-//! thread goes back for the next request at once: many reads are in flight
+//! Metadata answers come from memory and are replied inline, and so are
+//! reads whose blocks are all cached. `open` and reads that must fetch
+//! await the provider, so they move into tokio tasks and the fuser thread
+//! goes back for the next request at once: many reads are in flight
 //! together, and a slow read never holds up a `stat` or `ls`.
 
 use std::ffi::OsStr;
@@ -11,13 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, KernelConfig,
-    LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyStatfs, ReplyWrite, Request,
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
 };
 
 use crate::error::FsError;
 use crate::fs::{Attr, FsCore, Kind};
+use crate::read::Started;
 
 /// The inventory does not change under a mount, so the kernel may keep
 /// names and attributes for a while; sizes are refreshed at open anyway.
@@ -67,6 +69,13 @@ impl fuser::Filesystem for FuseAdapter {
         // many fetches in flight.
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
+        // Files are opened with FOPEN_DIRECT_IO: replies go straight into
+        // the reader's buffer instead of through the page cache, which
+        // measured 1.5-2x faster here; our own cache and read-ahead take
+        // the page cache's place. Let mmap work on such files too (6.6+),
+        // and let the kernel split large direct reads into parallel requests.
+        let _ = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        let _ = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO);
         Ok(())
     }
 
@@ -181,7 +190,7 @@ impl fuser::Filesystem for FuseAdapter {
         let core = Arc::clone(&self.core);
         self.runtime.spawn(async move {
             match core.open(ino.0, flags.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                 Err(err) => reply.error(errno(&err)),
             }
         });
@@ -198,13 +207,19 @@ impl fuser::Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let core = Arc::clone(&self.core);
-        self.runtime.spawn(async move {
-            match core.read(fh.0, offset, size).await {
-                Ok(data) => reply.data(&data),
-                Err(err) => reply.error(errno(&err)),
+        let _context = self.runtime.enter();
+        match self.core.start_read(fh.0, offset, size) {
+            Ok(Started::Ready(data)) => reply.data(&data),
+            Ok(Started::Pending(pending)) => {
+                self.runtime.spawn(async move {
+                    match pending.finish().await {
+                        Ok(data) => reply.data(&data),
+                        Err(err) => reply.error(errno(&err)),
+                    }
+                });
             }
-        });
+            Err(err) => reply.error(errno(&err)),
+        }
     }
 
     fn write(

@@ -24,12 +24,8 @@ pub enum OptionError {
     MissingValue(String),
     #[error("option '{0}' takes no value")]
     UnexpectedValue(String),
-    #[error("option '{name}': {source}")]
-    BadSize {
-        name: String,
-        #[source]
-        source: SizeError,
-    },
+    #[error("option '{name}': {reason}")]
+    BadSize { name: String, reason: SizeError },
     #[error("option '{name}': '{value}' is not {expected}")]
     BadValue {
         name: String,
@@ -138,9 +134,9 @@ impl MountOptions {
             }
         };
         let size = |value: Option<&str>| -> Result<u64, OptionError> {
-            parse_size(&need(value)?).map_err(|source| OptionError::BadSize {
+            parse_size(&need(value)?).map_err(|reason| OptionError::BadSize {
                 name: name.to_string(),
-                source,
+                reason,
             })
         };
         let number = |value: Option<&str>, radix: u32, expected: &'static str| {
@@ -210,11 +206,18 @@ impl MountOptions {
                 return Err(OptionError::NotYetSupported(name.to_string()))
             }
             // mount(8) and systemd options: theirs, not ours.
-            "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "_netdev" | "nofail"
-            | "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "owner" | "group"
-            | "noatime" | "atime" | "relatime" | "nodiratime" | "comment" | "sync" | "async"
-            | "loop" | "helper" | "nosymfollow" => {}
-            _ if name.starts_with("x-") => {}
+            "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "nousers"
+            | "_netdev" | "nofail" | "owner" | "noowner" | "group" | "nogroup" | "comment"
+            | "loop" | "helper" | "uhelper" => {}
+            // Generic mount flags: the mount is always ro,nosuid,nodev and
+            // keeps no atimes, so none of them changes anything.
+            "dev" | "nodev" | "suid" | "nosuid" | "exec" | "noexec" | "noatime" | "atime"
+            | "relatime" | "norelatime" | "nodiratime" | "diratime" | "strictatime"
+            | "nostrictatime" | "lazytime" | "nolazytime" | "sync" | "async" | "dirsync"
+            | "mand" | "nomand" | "silent" | "loud" | "nosymfollow" | "symfollow" => {}
+            // SELinux labels: FUSE mounts take none.
+            "context" | "fscontext" | "defcontext" | "rootcontext" => {}
+            _ if name.starts_with("x-") || name.starts_with("X-") => {}
             _ => return Err(OptionError::Unknown(name.to_string())),
         }
         Ok(())
@@ -262,6 +265,10 @@ mod tests {
         assert_eq!(err.to_string(), "unknown option 'bogus'");
         let err = MountOptions::parse(["rate=fast"]).unwrap_err();
         assert!(err.to_string().starts_with("option 'rate':"), "{err}");
+        assert!(
+            std::error::Error::source(&err).is_none(),
+            "said once, not twice"
+        );
         let err = MountOptions::parse(["rate"]).unwrap_err();
         assert_eq!(err, OptionError::MissingValue("rate".into()));
         let err = MountOptions::parse(["anonymous=yes"]).unwrap_err();

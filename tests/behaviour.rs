@@ -251,14 +251,7 @@ fn a_changed_source_fails_that_read_with_eio_and_the_mount_stays_up() {
 
 #[test]
 fn a_killed_readers_fetches_stop() {
-    let www = tempfile::tempdir().unwrap();
-    write_random_file(&www.path().join("disk.raw"), 64 * MIB, 9);
-    std::fs::write(
-        www.path().join("manifest.json"),
-        r#"{"vms":[{"name":"vm","disks":[{"name":"disk.raw","url":"disk.raw"}]}]}"#,
-    )
-    .unwrap();
-    let nginx = Nginx::start(www.path());
+    let (_www, nginx) = serve_one_disk(64 * MIB, 9);
     let mount = Mount::new(&nginx.url("manifest.json"), "rate=4M");
     let mut reader = Command::new("dd")
         .arg(format!("if={}", mount.file("vm/disk.raw").display()))

@@ -144,28 +144,19 @@ fn demo_source_copies_match_the_computed_disks() {
     let mount = Mount::new("demo://", "");
     let out = tempfile::tempdir().unwrap();
     let name = "web-01-disk0.vmdk";
-    sh(&format!(
-        "cp '{}' '{}/'",
-        mount.file(&format!("web-01/{name}")).display(),
-        out.path().display()
-    ));
-    let copy = std::fs::read(out.path().join(name)).unwrap();
-    assert!(
-        copy == expected_bytes(name, 0, 96 * MIB as usize),
-        "cp of {name} differs"
-    );
-    std::fs::remove_file(out.path().join(name)).unwrap();
-
-    sh(&format!(
-        "rsync '{}' '{}/'",
-        mount.file(&format!("web-01/{name}")).display(),
-        out.path().display()
-    ));
-    let copy = std::fs::read(out.path().join(name)).unwrap();
-    assert!(
-        copy == expected_bytes(name, 0, 96 * MIB as usize),
-        "rsync of {name} differs"
-    );
+    for tool in ["cp", "rsync"] {
+        sh(&format!(
+            "{tool} '{}' '{}/'",
+            mount.file(&format!("web-01/{name}")).display(),
+            out.path().display()
+        ));
+        let copy = std::fs::read(out.path().join(name)).unwrap();
+        assert!(
+            copy == expected_bytes(name, 0, 96 * MIB as usize),
+            "{tool} of {name} differs"
+        );
+        std::fs::remove_file(out.path().join(name)).unwrap();
+    }
 
     // Past 4 GiB on the 4.5 GiB disk, odd block size and offset.
     let big = "db-01-disk0.vmdk";

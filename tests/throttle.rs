@@ -27,14 +27,7 @@ fn a_copy_lands_within_5_percent_of_the_rate() {
 
 #[test]
 fn a_copy_over_http_lands_within_5_percent_of_the_rate() {
-    let www = tempfile::tempdir().unwrap();
-    write_random_file(&www.path().join("disk.raw"), 100 * MIB, 3);
-    std::fs::write(
-        www.path().join("manifest.json"),
-        r#"{"vms":[{"name":"vm","disks":[{"name":"disk.raw","url":"disk.raw"}]}]}"#,
-    )
-    .unwrap();
-    let nginx = Nginx::start(www.path());
+    let (_www, nginx) = serve_one_disk(100 * MIB, 3);
     let mount = Mount::new(&nginx.url("manifest.json"), "rate=25M");
     let (bytes, seconds) = timed_read(&mount.file("vm/disk.raw"));
     assert_eq!(bytes, 100 * MIB);

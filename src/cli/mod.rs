@@ -26,6 +26,8 @@ struct Cli {
 enum Command {
     /// Mount SOURCE on MOUNTPOINT (daemonizes once the mount answers)
     Mount {
+        /// The source; `-` takes it from $VMEXPORTFS_SOURCE, which keeps a
+        /// signed URL out of `ps`
         source: String,
         mountpoint: PathBuf,
         /// Mount options, comma separated (may be repeated)
@@ -61,7 +63,8 @@ pub fn main() -> i32 {
             mountpoint,
             options,
             foreground,
-        } => mount::run(&source, &mountpoint, &options, foreground),
+        } => source_from_env(source)
+            .and_then(|source| mount::run(&source, &mountpoint, &options, foreground)),
         Command::Ls { source, options } => ls::run(&source, &options),
         Command::Demo { rate, disk } => demo::run(&rate, &disk),
     };
@@ -73,6 +76,21 @@ pub fn main() -> i32 {
         }
     }
 }
+
+/// `-` stands for the source in $VMEXPORTFS_SOURCE (set by the mount
+/// helper for URLs with a query string, so signatures stay out of argv).
+fn source_from_env(source: String) -> anyhow::Result<String> {
+    if source != "-" {
+        return Ok(source);
+    }
+    let from_env = std::env::var(SOURCE_ENV)
+        .map_err(|_| anyhow::anyhow!("source '-' needs the source in ${SOURCE_ENV}"))?;
+    // Not inherited by anything we start. (No other thread exists yet.)
+    std::env::remove_var(SOURCE_ENV);
+    Ok(from_env)
+}
+
+const SOURCE_ENV: &str = "VMEXPORTFS_SOURCE";
 
 /// Logs to stderr at `info` unless RUST_LOG says otherwise.
 pub(crate) fn init_stderr_logging() {

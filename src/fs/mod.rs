@@ -18,7 +18,7 @@ use bytes::Bytes;
 
 use crate::error::FsError;
 use crate::provider::{Provider, ProviderError};
-use crate::read::{FileReader, ReadPath};
+use crate::read::{FileReader, ReadPath, Started};
 use tree::{NodeKind, Tree};
 
 pub use tree::ROOT_INO;
@@ -230,6 +230,12 @@ impl FsCore {
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
         let handle = self.handle(fh)?;
         self.read_path.read(&handle.reader, offset, size).await
+    }
+
+    /// Starts a read; see [`ReadPath::start`].
+    pub fn start_read(&self, fh: u64, offset: u64, size: u32) -> Result<Started, FsError> {
+        let handle = self.handle(fh)?;
+        Ok(self.read_path.start(&handle.reader, offset, size))
     }
 
     /// Closes a file: its fetches stop.

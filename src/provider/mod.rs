@@ -56,7 +56,7 @@ pub enum ProviderError {
     Unreachable(String),
     #[error("bad answer from the provider: {0}")]
     Protocol(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Config(String),

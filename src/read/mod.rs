@@ -40,9 +40,10 @@ use prefetch::Sequential;
 
 #[derive(Debug, Clone)]
 pub struct ReadConfig {
-    /// Unit of fetching and caching. 1 MiB matches the kernel's largest read
-    /// request once the mount's read-ahead is raised, so most reads are
-    /// served from one block without copying.
+    /// Unit of fetching and caching. Kernel requests are at most 1 MiB, so
+    /// a 2 MiB block serves most reads as a slice without copying, while
+    /// halving the provider requests per GiB against 1 MiB blocks (measured
+    /// faster over HTTP; 4 MiB was no faster and coarser for the throttle).
     pub block_size: u64,
     /// Memory for cached and in-flight data, all files together.
     pub memory: u64,
@@ -59,7 +60,7 @@ pub struct ReadConfig {
 impl Default for ReadConfig {
     fn default() -> Self {
         ReadConfig {
-            block_size: 1 << 20,
+            block_size: 2 << 20,
             memory: crate::options::DEFAULT_CACHE,
             max_window: 32 << 20,
             max_retries: 6,
@@ -92,6 +93,60 @@ type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
 enum Lookup {
     Ready(Bytes),
     Pending(SharedFetch),
+}
+
+/// A read that has started: its data, or the fetches it waits for.
+pub enum Started {
+    Ready(Bytes),
+    Pending(PendingRead),
+}
+
+pub struct PendingRead {
+    path: Arc<ReadPath>,
+    reader: Arc<FileReader>,
+    offset: u64,
+    end: u64,
+    first: u64,
+    lookups: Vec<Lookup>,
+}
+
+impl PendingRead {
+    /// Waits for the blocks and cuts the asked-for range out of them; a
+    /// range inside one block is a slice of it, not a copy.
+    pub async fn finish(self) -> Result<Bytes, FsError> {
+        let PendingRead {
+            path,
+            reader,
+            offset,
+            end,
+            first,
+            lookups,
+        } = self;
+        let block_size = path.config.block_size;
+        let mut blocks = Vec::with_capacity(lookups.len());
+        for (index, lookup) in (first..).zip(lookups) {
+            blocks.push(path.resolve(&reader, index, lookup).await?);
+        }
+        Ok(path.cut(&blocks, first * block_size, offset, end))
+    }
+
+    fn assemble_ready(&self) -> Option<Result<Bytes, FsError>> {
+        let blocks: Option<Vec<Bytes>> = self
+            .lookups
+            .iter()
+            .map(|lookup| match lookup {
+                Lookup::Ready(block) => Some(block.clone()),
+                Lookup::Pending(_) => None,
+            })
+            .collect();
+        let block_size = self.path.config.block_size;
+        Some(Ok(self.path.cut(
+            &blocks?,
+            self.first * block_size,
+            self.offset,
+            self.end,
+        )))
+    }
 }
 
 /// One open file: a disk pinned at one version, and its reader's state.
@@ -231,8 +286,19 @@ impl ReadPath {
         offset: u64,
         size: u32,
     ) -> Result<Bytes, FsError> {
+        match self.start(reader, offset, size) {
+            Started::Ready(data) => Ok(data),
+            Started::Pending(pending) => pending.finish().await,
+        }
+    }
+
+    /// Starts a read without waiting: when every block is cached the data
+    /// is ready at once (the caller answers the kernel on its own thread,
+    /// saving a task hand-off), otherwise the fetches are under way and
+    /// [`PendingRead::finish`] waits for them. Needs a tokio context.
+    pub fn start(self: &Arc<Self>, reader: &Arc<FileReader>, offset: u64, size: u32) -> Started {
         if offset >= reader.size || size == 0 {
-            return Ok(Bytes::new());
+            return Started::Ready(Bytes::new());
         }
         let block_size = self.config.block_size;
         let end = (offset + u64::from(size)).min(reader.size);
@@ -254,32 +320,54 @@ impl ReadPath {
         };
 
         // Blocks asked for go to the throttle queue before read-ahead does.
-        let first_lookup = self.lookup(reader, first);
-        let rest: Vec<Lookup> = (first + 1..=last).map(|i| self.lookup(reader, i)).collect();
+        let lookups: Vec<Lookup> = (first..=last).map(|i| self.lookup(reader, i)).collect();
         for index in ahead {
             if let Lookup::Pending(fetch) = self.lookup(reader, index) {
                 drop(fetch); // runs on in its task
             }
         }
+        let pending = PendingRead {
+            path: Arc::clone(self),
+            reader: Arc::clone(reader),
+            offset,
+            end,
+            first,
+            lookups,
+        };
+        if pending
+            .lookups
+            .iter()
+            .all(|lookup| matches!(lookup, Lookup::Ready(_)))
+        {
+            // Every block is cached: assembling cannot wait.
+            if let Some(Ok(data)) = pending.assemble_ready() {
+                return Started::Ready(data);
+            }
+            unreachable!("ready blocks assemble without waiting");
+        }
+        Started::Pending(pending)
+    }
 
-        let block = self.resolve(reader, first, first_lookup).await?;
-        let start = (offset - first * block_size) as usize;
-        let data = if rest.is_empty() {
-            block.slice(start..start + (end - offset) as usize)
+    /// `[offset, end)` out of consecutive blocks starting at `base`.
+    fn cut(&self, blocks: &[Bytes], base: u64, offset: u64, end: u64) -> Bytes {
+        let start = (offset - base) as usize;
+        let len = (end - offset) as usize;
+        let data = if let [block] = blocks {
+            block.slice(start..start + len)
         } else {
-            let mut out = BytesMut::with_capacity((end - offset) as usize);
-            out.extend_from_slice(&block[start..]);
-            for (index, lookup) in (first + 1..=last).zip(rest) {
-                let block = self.resolve(reader, index, lookup).await?;
-                let take = ((end - index * block_size) as usize).min(block.len());
-                out.extend_from_slice(&block[..take]);
+            let mut out = BytesMut::with_capacity(len);
+            let mut skip = start;
+            for block in blocks {
+                let take = (block.len() - skip).min(len - out.len());
+                out.extend_from_slice(&block[skip..skip + take]);
+                skip = 0;
             }
             out.freeze()
         };
         self.stats
             .bytes_served
             .fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(data)
+        data
     }
 
     /// Waits for a block, fetching it again if the fetch it joined belonged

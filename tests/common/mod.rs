@@ -254,6 +254,20 @@ impl Drop for Nginx {
     }
 }
 
+/// nginx serving one disk of `size` random bytes as `vm/disk.raw` through
+/// `manifest.json`. Keep the directory alive as long as the server.
+pub fn serve_one_disk(size: u64, seed: u64) -> (tempfile::TempDir, Nginx) {
+    let www = tempfile::tempdir().unwrap();
+    write_random_file(&www.path().join("disk.raw"), size, seed);
+    std::fs::write(
+        www.path().join("manifest.json"),
+        r#"{"vms":[{"name":"vm","disks":[{"name":"disk.raw","url":"disk.raw"}]}]}"#,
+    )
+    .unwrap();
+    let nginx = Nginx::start(www.path());
+    (www, nginx)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -1,0 +1,125 @@
+#!/bin/bash
+# Benchmark: every ratio below is measured in this one run, on this machine.
+#
+#   unthrottled sequential read through the mount vs curl from the same nginx
+#   the same vs `rclone mount` of the same URL (when rclone is installed)
+#   demo:// through the mount
+#   achieved/target rate at rate=20M and rate=200M
+#
+# Each throughput is the median of RUNS reads (default 3) of a 1 GiB file,
+# each through a fresh mount. Needs root (FUSE), nginx, curl; run
+# scripts/install-test-deps.sh first. Usage: scripts/bench.sh [--quick]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=${RUNS:-3}
+SIZE_MIB=1024
+[ "${1:-}" = --quick ] && { RUNS=1; SIZE_MIB=256; }
+
+cargo build --release --quiet
+BIN=$PWD/target/release/vmexportfs
+WORK=$(mktemp -d /tmp/vmx-bench-XXXXXX)
+NGINX_PID=
+cleanup() {
+    for m in "$WORK"/mnt*; do
+        mountpoint -q "$m" 2>/dev/null && { umount "$m" 2>/dev/null || umount -l "$m"; }
+    done
+    [ -n "$NGINX_PID" ] && kill "$NGINX_PID" 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# --- nginx serving a random 1 GiB disk and its manifest -------------------
+mkdir -p "$WORK/www" "$WORK/nginx"
+head -c $((SIZE_MIB << 20)) /dev/urandom > "$WORK/www/disk.raw"
+echo '{"vms":[{"name":"vm","disks":[{"name":"disk.raw","url":"disk.raw"}]}]}' > "$WORK/www/manifest.json"
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+N=$WORK/nginx
+cat > "$N/nginx.conf" <<CONF
+daemon off; master_process off; user root; worker_processes 1;
+pid $N/nginx.pid; error_log $N/error.log;
+events { worker_connections 1024; }
+http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
+  client_body_temp_path $N/b; proxy_temp_path $N/p; fastcgi_temp_path $N/f;
+  uwsgi_temp_path $N/u; scgi_temp_path $N/s;
+  server { listen 127.0.0.1:$PORT; root $WORK/www; } }
+CONF
+nginx -c "$N/nginx.conf" -p "$N" &
+NGINX_PID=$!
+for _ in $(seq 100); do curl -sf -o /dev/null "http://127.0.0.1:$PORT/manifest.json" && break; sleep 0.05; done
+URL=http://127.0.0.1:$PORT
+
+median() { sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+# bytes/s of reading $1 with dd bs=1M (count $2 MiB when given)
+dd_rate() {
+    local count=${2:+count=$2}
+    dd if="$1" of=/dev/null bs=1M $count 2>&1 | awk '/copied/ {print $1 / $(NF-3)}'
+}
+mount_vmx() { # SOURCE OPTIONS -> prints mountpoint
+    local m
+    m=$(mktemp -d "$WORK/mnt.XXXX")
+    "$BIN" mount "$1" "$m" -o "${2:+$2,}log=$WORK/mount.log" 2>/dev/null
+    echo "$m"
+}
+unmount() { umount "$1" 2>/dev/null || umount -l "$1"; }
+
+cat "$WORK/www/disk.raw" > /dev/null # the server's page cache is warm for everyone
+
+curl_rates=() mount_rates=()
+for _ in $(seq "$RUNS"); do
+    curl_rates+=("$(curl -s -o /dev/null -w '%{speed_download}' "$URL/disk.raw")")
+    m=$(mount_vmx "$URL/manifest.json" "")
+    mount_rates+=("$(dd_rate "$m/vm/disk.raw")")
+    unmount "$m"
+done
+CURL=$(printf '%s\n' "${curl_rates[@]}" | median)
+MOUNT=$(printf '%s\n' "${mount_rates[@]}" | median)
+
+RCLONE=
+if command -v rclone >/dev/null; then
+    rclone_rates=()
+    for _ in $(seq "$RUNS"); do
+        m=$(mktemp -d "$WORK/mnt.rclone.XXXX")
+        rclone mount --read-only --http-url "$URL" :http: "$m" --daemon --config /dev/null 2>/dev/null
+        for _ in $(seq 100); do [ -e "$m/disk.raw" ] && break; sleep 0.1; done
+        rclone_rates+=("$(dd_rate "$m/disk.raw")")
+        fusermount3 -u "$m" 2>/dev/null || fusermount -u "$m" 2>/dev/null || umount -l "$m"
+    done
+    RCLONE=$(printf '%s\n' "${rclone_rates[@]}" | median)
+fi
+
+demo_rates=()
+for _ in $(seq "$RUNS"); do
+    m=$(mount_vmx demo:// "")
+    demo_rates+=("$(dd_rate "$m/web-01/web-01-disk1.vmdk" "$SIZE_MIB")")
+    unmount "$m"
+done
+DEMO=$(printf '%s\n' "${demo_rates[@]}" | median)
+
+# Throttle: ~10 s copies, so the initial burst (rate/10) is ~1% of the bytes.
+m=$(mount_vmx "$URL/manifest.json" rate=20M)
+R20=$(dd_rate "$m/vm/disk.raw" $((SIZE_MIB < 200 ? SIZE_MIB : 200)))
+unmount "$m"
+m=$(mount_vmx demo:// rate=200M)
+R200=$(dd_rate "$m/db-01/db-01-data.vhdx" $((SIZE_MIB * 2)))
+unmount "$m"
+
+awk -v curl="$CURL" -v mnt="$MOUNT" -v rclone="$RCLONE" -v demo="$DEMO" \
+    -v r20="$R20" -v r200="$R200" -v runs="$RUNS" -v size="$SIZE_MIB" 'BEGIN {
+    mb = 1e6
+    printf "vmexportfs benchmark: %d MiB file, median of %d runs, loopback nginx\n\n", size, runs
+    printf "| measurement | result | target | verdict |\n|---|---|---|---|\n"
+    printf "| curl from nginx | %.0f MB/s | | |\n", curl / mb
+    printf "| mount, http://, no limit | %.0f MB/s | | |\n", mnt / mb
+    printf "| mount / curl | %.2f | >= 0.80 | %s |\n", mnt / curl, (mnt / curl >= 0.8 ? "ok" : "MISS")
+    if (rclone != "") {
+        printf "| rclone mount, same URL | %.0f MB/s | | |\n", rclone / mb
+        printf "| mount / rclone | %.2f | >= 2.00 | %s |\n", mnt / rclone, (mnt / rclone >= 2 ? "ok" : "MISS")
+    } else {
+        printf "| rclone mount | not installed | | |\n"
+    }
+    printf "| demo:// through the mount | %.0f MB/s | | |\n", demo / mb
+    t20 = 20 * 1048576; t200 = 200 * 1048576
+    printf "| rate=20M achieved/target | %.4f (%.0f B/s) | 0.98-1.02 | %s |\n", r20 / t20, r20, (r20 / t20 >= 0.98 && r20 / t20 <= 1.02 ? "ok" : "MISS")
+    printf "| rate=200M achieved/target | %.4f (%.0f B/s) | 0.98-1.02 | %s |\n", r200 / t200, r200, (r200 / t200 >= 0.98 && r200 / t200 <= 1.02 ? "ok" : "MISS")
+}'

@@ -1,0 +1,31 @@
+#!/bin/sh
+# Installs what the tests need on a fresh Debian machine: FUSE's user tools,
+# nginx (the HTTP stand-in), rsync, and the tools the tests drive.
+# Idempotent: packages already present are not fetched again.
+set -eu
+
+need_apt=
+for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils; do
+    command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt="$need_apt ${tool#*:}"
+done
+
+if [ -n "$need_apt" ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install-test-deps: need root to install:$need_apt" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # shellcheck disable=SC2086 # one word per package
+    apt-get install -y -qq --no-install-recommends $need_apt >/dev/null
+fi
+
+# The distribution's nginx service would hold port 80; the tests start their
+# own nginx on free loopback ports and need none running.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
+    systemctl stop nginx || true
+fi
+
+[ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
+[ -e /dev/fuse ] || { echo "install-test-deps: /dev/fuse is missing" >&2; exit 1; }
+echo "install-test-deps: fuse3, nginx, rsync, curl present"
