@@ -42,7 +42,7 @@ events { worker_connections 1024; }
 http { access_log off; sendfile on; tcp_nopush on; keepalive_requests 100000;
   client_body_temp_path $N/b; proxy_temp_path $N/p; fastcgi_temp_path $N/f;
   uwsgi_temp_path $N/u; scgi_temp_path $N/s;
-  server { listen 127.0.0.1:$PORT; root $WORK/www; } }
+  server { listen 127.0.0.1:$PORT; root $WORK/www; autoindex on; } }
 CONF
 nginx -c "$N/nginx.conf" -p "$N" &
 NGINX_PID=$!

@@ -66,13 +66,15 @@ fn tree_files(root: &Path) -> Vec<String> {
     out.lines().map(str::to_string).collect()
 }
 
-fn assert_trees_identical(a: &Path, b: &Path) {
-    let (files_a, files_b) = (tree_files(a), tree_files(b));
-    assert_eq!(files_a, files_b, "same files");
-    for file in files_a {
-        let (fa, fb) = (a.join(&file), b.join(&file));
-        assert_eq!(sha256(&fa), sha256(&fb), "{file}: sha256 differs");
-    }
+/// sha256 of every file below `root`, by relative path.
+fn tree_hashes(root: &Path) -> Vec<(String, String)> {
+    tree_files(root)
+        .into_iter()
+        .map(|file| {
+            let hash = sha256(&root.join(&file));
+            (file, hash)
+        })
+        .collect()
 }
 
 /// A source tree: two VMs with odd-sized disks, an empty file, names with
@@ -102,22 +104,20 @@ fn dir_source_cp_rsync_dd_are_identical_including_past_4gib() {
     make_dir_tree(src.path());
     let mount = Mount::new(&format!("dir://{}", src.path().display()), "");
     let out = tempfile::tempdir().unwrap();
+    let source_hashes = tree_hashes(src.path());
+    assert_eq!(source_hashes.len(), 5);
 
-    sh(&format!(
-        "cp -r '{}' '{}/cp'",
-        mount.path.display(),
-        out.path().display()
-    ));
-    assert_trees_identical(src.path(), &out.path().join("cp"));
-    std::fs::remove_dir_all(out.path().join("cp")).unwrap();
-
-    sh(&format!(
-        "rsync -a '{}/' '{}/rsync/'",
-        mount.path.display(),
-        out.path().display()
-    ));
-    assert_trees_identical(src.path(), &out.path().join("rsync"));
-    std::fs::remove_dir_all(out.path().join("rsync")).unwrap();
+    for (tool, command) in [
+        ("cp", "cp -r '{src}' '{dst}'"),
+        ("rsync", "rsync -a '{src}/' '{dst}/'"),
+    ] {
+        let copy = out.path().join(tool);
+        sh(&command
+            .replace("{src}", &mount.path.to_string_lossy())
+            .replace("{dst}", &copy.to_string_lossy()));
+        assert_eq!(tree_hashes(&copy), source_hashes, "{tool} copy differs");
+        std::fs::remove_dir_all(&copy).unwrap();
+    }
 
     check_odd_dds(
         &mount.file("vm-a/disk0.vmdk"),

@@ -24,6 +24,7 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use url::Url;
 
+use super::http_range::{RangeClient, Ranged};
 use super::{redact_url, DiskEntry, Inventory, Provider, ProviderError, Version};
 use crate::options::MountOptions;
 
@@ -50,7 +51,14 @@ struct ManifestDisk {
 pub struct HttpProvider {
     manifest_url: Url,
     client: reqwest::Client,
+    /// Block fetches of `http://` disks that carry a validator.
+    ranges: RangeClient,
 }
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A body that stalls this long is aborted and retried.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+const USER_AGENT: &str = concat!("vmexportfs/", env!("CARGO_PKG_VERSION"));
 
 const ETAG_PREFIX: &str = "etag:";
 const MODIFIED_PREFIX: &str = "modified:";
@@ -73,6 +81,7 @@ impl HttpProvider {
         Ok(HttpProvider {
             manifest_url,
             client: build_client(options)?,
+            ranges: RangeClient::new(CONNECT_TIMEOUT, STALL_TIMEOUT, USER_AGENT),
         })
     }
 
@@ -101,11 +110,10 @@ impl HttpProvider {
 /// from `cafile=` / `insecure`.
 pub fn build_client(options: &MountOptions) -> Result<reqwest::Client, ProviderError> {
     let mut builder = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        // A body that stalls this long is aborted and retried.
-        .read_timeout(Duration::from_secs(30))
+        .connect_timeout(CONNECT_TIMEOUT)
+        .read_timeout(STALL_TIMEOUT)
         .pool_max_idle_per_host(64)
-        .user_agent(concat!("vmexportfs/", env!("CARGO_PKG_VERSION")));
+        .user_agent(USER_AGENT);
     if let Some(cafile) = &options.cafile {
         let pem = std::fs::read(cafile)
             .map_err(|err| ProviderError::Config(format!("cafile {}: {err}", cafile.display())))?;
@@ -155,7 +163,7 @@ fn check_status(url: &str, status: StatusCode) -> Result<(), ProviderError> {
 }
 
 /// Parses `bytes START-END/TOTAL`.
-fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
+pub(super) fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = value.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
     let (start, end) = range.split_once('-')?;
@@ -245,6 +253,33 @@ impl Provider for HttpProvider {
             return Ok(Bytes::new());
         }
         let url = disk.locator.as_str();
+        let condition = if let Some(etag) = version.0.strip_prefix(ETAG_PREFIX) {
+            Some(("If-Match", etag))
+        } else {
+            version
+                .0
+                .strip_prefix(MODIFIED_PREFIX)
+                .map(|modified| ("If-Unmodified-Since", modified))
+        };
+        // Plain HTTP with a validator: straight from the socket into the
+        // block. Anything unusual falls through to reqwest below.
+        if let (Some(condition), Ok(parsed)) = (condition, Url::parse(url)) {
+            match self.ranges.get(&parsed, offset, len, Some(condition)).await {
+                Ok(Ranged::Data(body)) => return Ok(body.freeze()),
+                Ok(Ranged::PreconditionFailed) => {
+                    return Err(ProviderError::Changed {
+                        pinned: version.0.clone(),
+                    })
+                }
+                Ok(Ranged::Fallback) => {}
+                Err(err) => {
+                    return Err(ProviderError::Unreachable(format!(
+                        "{}: {err}",
+                        redact_url(url)
+                    )))
+                }
+            }
+        }
         let last = offset + len as u64 - 1;
         let mut request = self
             .client

@@ -16,6 +16,7 @@ use crate::options::MountOptions;
 pub mod demo;
 pub mod dir;
 pub mod http;
+mod http_range;
 pub mod hyperv;
 
 /// One disk as the provider lists it.

@@ -61,6 +61,13 @@ impl BlockCache {
         }
     }
 
+    pub fn remove(&self, key: &BlockKey) {
+        let mut inner = self.lock();
+        if let Some(block) = inner.blocks.pop(key) {
+            inner.bytes -= block.len() as u64;
+        }
+    }
+
     pub fn bytes(&self) -> u64 {
         self.lock().bytes
     }

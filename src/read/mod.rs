@@ -160,6 +160,8 @@ pub struct FileReader {
     cancel: CancellationToken,
     sequential: Mutex<Sequential>,
     flow: Flow,
+    /// Open files reading this same disk version, this one included.
+    readers_of_version: Arc<AtomicUsize>,
 }
 
 impl FileReader {
@@ -182,6 +184,7 @@ pub struct ReadPath {
     config: ReadConfig,
     cache_capacity: u64,
     open_files: AtomicUsize,
+    readers_per_version: Mutex<HashMap<u64, Arc<AtomicUsize>>>,
     shutdown: CancellationToken,
     pub stats: Stats,
 }
@@ -217,6 +220,7 @@ impl ReadPath {
             config,
             cache_capacity,
             open_files: AtomicUsize::new(0),
+            readers_per_version: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             stats: Stats::default(),
         })
@@ -244,8 +248,19 @@ impl ReadPath {
         path: String,
     ) -> Arc<FileReader> {
         self.open_files.fetch_add(1, Ordering::Relaxed);
+        let key = file_key(ino, &version);
+        let readers_of_version = {
+            let mut readers = self
+                .readers_per_version
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let count = readers.entry(key).or_default();
+            count.fetch_add(1, Ordering::Relaxed);
+            Arc::clone(count)
+        };
         Arc::new(FileReader {
-            key: file_key(ino, &version),
+            key,
+            readers_of_version,
             disk,
             version,
             size,
@@ -260,6 +275,13 @@ impl ReadPath {
     pub fn release(&self, reader: &FileReader) {
         reader.cancel.cancel();
         self.open_files.fetch_sub(1, Ordering::Relaxed);
+        let mut readers = self
+            .readers_per_version
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if reader.readers_of_version.fetch_sub(1, Ordering::Relaxed) == 1 {
+            readers.remove(&reader.key);
+        }
     }
 
     fn max_window(&self) -> u64 {
@@ -304,23 +326,37 @@ impl ReadPath {
         let end = (offset + u64::from(size)).min(reader.size);
         let first = offset / block_size;
         let last = (end - 1) / block_size;
-        let ahead = {
+        let (ahead, done) = {
             let file_blocks = reader.size.div_ceil(block_size);
             let mut sequential = reader
                 .sequential
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            sequential.on_read(
-                offset,
-                end - offset,
-                block_size,
-                self.max_window(),
-                file_blocks,
+            (
+                sequential.on_read(
+                    offset,
+                    end - offset,
+                    block_size,
+                    self.max_window(),
+                    file_blocks,
+                ),
+                sequential.on_served(offset, end - offset, block_size, reader.size),
             )
         };
 
         // Blocks asked for go to the throttle queue before read-ahead does.
         let lookups: Vec<Lookup> = (first..=last).map(|i| self.lookup(reader, i)).collect();
+        // Drop-behind: a block this reader has now read through is freed
+        // (this read holds its own reference), unless another open file
+        // reads the same disk and may still want it.
+        if reader.readers_of_version.load(Ordering::Relaxed) == 1 {
+            for index in done {
+                self.cache.remove(&BlockKey {
+                    file: reader.key,
+                    index,
+                });
+            }
+        }
         for index in ahead {
             if let Lookup::Pending(fetch) = self.lookup(reader, index) {
                 drop(fetch); // runs on in its task
@@ -534,3 +570,6 @@ fn clone_error(err: &ProviderError) -> ProviderError {
         ProviderError::Config(s) => ProviderError::Config(s.clone()),
     }
 }
+
+#[cfg(test)]
+mod tests;

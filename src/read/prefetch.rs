@@ -6,6 +6,12 @@
 //! reads stay sequential the window doubles, up to a limit the read path sets
 //! from memory and rate; a random read drops it to nothing, so random access
 //! never pays for bytes it will not use.
+//!
+//! It also notices when the reader has read a block from its first byte to
+//! its last in order: such a block is done with (copies read each byte
+//! once), so the read path can free it at once instead of letting it age
+//! out of the cache. The cache then holds what is ahead of readers, not
+//! what is behind them, and memory is reused instead of touched anew.
 
 use std::ops::Range;
 
@@ -15,6 +21,8 @@ pub struct Sequential {
     window: u64,
     /// Blocks below this index were already asked for.
     issued_until: u64,
+    /// The block being read in order from its start, and how far.
+    consuming: Option<(u64, u64)>,
 }
 
 /// Blocks of slack for reordered kernel requests.
@@ -52,6 +60,40 @@ impl Sequential {
         let from = self.issued_until.max(last_block + 1);
         self.issued_until = self.issued_until.max(target);
         from..target.max(from)
+    }
+
+    /// Records that `[offset, offset+len)` is being served and returns the
+    /// blocks it completes: read from their first byte to their last in
+    /// order, by this reader.
+    pub fn on_served(
+        &mut self,
+        offset: u64,
+        len: u64,
+        block_size: u64,
+        file_size: u64,
+    ) -> Range<u64> {
+        let end = (offset + len).min(file_size);
+        let mut pos = offset;
+        let mut done = 0..0;
+        while pos < end {
+            let block = pos / block_size;
+            let block_end = ((block + 1) * block_size).min(file_size);
+            let upto = end.min(block_end);
+            self.consuming = match self.consuming {
+                Some((b, until)) if b == block && until == pos => Some((block, upto)),
+                _ if pos == block * block_size => Some((block, upto)),
+                _ => None,
+            };
+            if self.consuming == Some((block, block_end)) {
+                done = if done.is_empty() {
+                    block..block + 1
+                } else {
+                    done.start..block + 1
+                };
+            }
+            pos = upto;
+        }
+        done
     }
 
     pub fn window(&self) -> u64 {
@@ -96,6 +138,28 @@ mod tests {
         seq.on_read(2 * B, B, B, 8 * B, 1000);
         seq.on_read(B, B, B, 8 * B, 1000);
         assert!(seq.window() >= 4 * B);
+    }
+
+    #[test]
+    fn blocks_read_whole_in_order_are_done() {
+        let mut seq = Sequential::default();
+        assert!(seq.on_served(0, B / 2, B, 10 * B).is_empty());
+        assert_eq!(seq.on_served(B / 2, B / 2, B, 10 * B), 0..1);
+        // One read across blocks completes the ones it covers to their end.
+        assert_eq!(seq.on_served(B, 2 * B + 7, B, 10 * B), 1..3);
+        assert!(seq.on_served(3 * B + 7, B - 7, B, 10 * B) == (3..4));
+        // The short last block is done at the end of the file.
+        assert_eq!(seq.on_served(9 * B, 2 * B, B, 9 * B + 100), 9..10);
+    }
+
+    #[test]
+    fn out_of_order_or_partial_reads_complete_nothing() {
+        let mut seq = Sequential::default();
+        seq.on_served(B / 2, B / 2, B, 10 * B); // started mid-block
+        assert!(seq.on_served(B / 2, B / 2, B, 10 * B).is_empty());
+        seq.on_served(2 * B, B / 2, B, 10 * B);
+        seq.on_served(5 * B, B / 2, B, 10 * B); // jumped away
+        assert!(seq.on_served(2 * B + B / 2, B / 2, B, 10 * B).is_empty());
     }
 
     #[test]

@@ -1,0 +1,279 @@
+//! The read path against a mock provider that models the world: latency,
+//! faults, and a record of every request it served.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::*;
+use crate::provider::{DiskEntry, Inventory, Provider, ProviderError, Version};
+
+const MIB: u64 = 1 << 20;
+
+/// Bytes are a function of the offset, so any answer can be checked.
+fn byte_at(offset: u64) -> u8 {
+    (offset.wrapping_mul(31) ^ (offset >> 13)) as u8
+}
+
+struct MockProvider {
+    latency: Duration,
+    requests: Mutex<Vec<(u64, usize)>>,
+    /// The next this many reads fail with a transient error.
+    transient_failures: AtomicU32,
+    /// Every read fails with a permanent error.
+    broken: std::sync::atomic::AtomicBool,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+impl MockProvider {
+    fn new(latency: Duration) -> Arc<Self> {
+        Arc::new(MockProvider {
+            latency,
+            requests: Mutex::new(Vec::new()),
+            transient_failures: AtomicU32::new(0),
+            broken: Default::default(),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
+        })
+    }
+
+    fn request_count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+}
+
+#[async_trait]
+impl Provider for MockProvider {
+    async fn list(&self) -> Result<Inventory, ProviderError> {
+        Ok(Inventory::default())
+    }
+
+    async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
+        Ok((disk.size, disk.version.clone()))
+    }
+
+    async fn read(
+        &self,
+        _disk: &DiskEntry,
+        _version: &Version,
+        offset: u64,
+        len: usize,
+    ) -> Result<Bytes, ProviderError> {
+        self.requests.lock().unwrap().push((offset, len));
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(self.latency).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.broken.load(Ordering::SeqCst) {
+            return Err(ProviderError::Denied("mock: always fails".into()));
+        }
+        if self
+            .transient_failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(ProviderError::Unreachable("mock: connection reset".into()));
+        }
+        Ok((offset..offset + len as u64).map(byte_at).collect())
+    }
+}
+
+fn disk(size: u64) -> Arc<DiskEntry> {
+    Arc::new(DiskEntry {
+        path: vec!["vm".into(), "disk".into()],
+        size,
+        mtime: SystemTime::UNIX_EPOCH,
+        version: Version("v1".into()),
+        locator: "mock".into(),
+    })
+}
+
+fn read_path(provider: Arc<MockProvider>, memory: u64) -> Arc<ReadPath> {
+    ReadPath::new(
+        provider,
+        None,
+        ReadConfig {
+            block_size: MIB,
+            memory,
+            base_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(5),
+            ..ReadConfig::default()
+        },
+    )
+}
+
+fn open(path: &Arc<ReadPath>, size: u64) -> Arc<FileReader> {
+    path.open(7, disk(size), Version("v1".into()), size, "/vm/disk".into())
+}
+
+fn expected(offset: u64, len: u64) -> Vec<u8> {
+    (offset..offset + len).map(byte_at).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_on_one_block_share_one_fetch() {
+    let provider = MockProvider::new(Duration::from_millis(50));
+    let path = read_path(provider.clone(), 64 * MIB);
+    let readers: Vec<_> = (0..8).map(|_| open(&path, 10 * MIB)).collect();
+    let reads: Vec<_> = readers
+        .iter()
+        .enumerate()
+        .map(|(i, reader)| {
+            let (path, reader) = (path.clone(), reader.clone());
+            tokio::spawn(async move { path.read(&reader, 5 * MIB + i as u64 * 1000, 4096).await })
+        })
+        .collect();
+    for (i, read) in reads.into_iter().enumerate() {
+        let data = read.await.unwrap().unwrap();
+        assert_eq!(&data[..], &expected(5 * MIB + i as u64 * 1000, 4096)[..]);
+    }
+    let requests = provider.requests.lock().unwrap().clone();
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|(offset, _)| *offset == 5 * MIB)
+            .count(),
+        1,
+        "one fetch of block 5, not one per reader: {requests:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_reads_overlap_fetches_and_return_the_right_bytes() {
+    let provider = MockProvider::new(Duration::from_millis(20));
+    let path = read_path(provider.clone(), 64 * MIB);
+    let size = 40 * MIB + 12345;
+    let reader = open(&path, size);
+    let mut offset = 0;
+    let started = std::time::Instant::now();
+    while offset < size {
+        let data = path.read(&reader, offset, 128 << 10).await.unwrap();
+        assert!(
+            data == expected(offset, data.len() as u64),
+            "bytes at {offset}"
+        );
+        offset += data.len() as u64;
+    }
+    let elapsed = started.elapsed();
+    // 41 blocks one after another would take 41 × 20 ms.
+    assert!(
+        provider.max_in_flight.load(Ordering::SeqCst) >= 4,
+        "read-ahead overlapped only {} fetches",
+        provider.max_in_flight.load(Ordering::SeqCst)
+    );
+    assert!(
+        elapsed < Duration::from_millis(41 * 20 / 2),
+        "took {elapsed:?}"
+    );
+    assert_eq!(provider.request_count(), 41, "every block fetched once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_reads_fetch_only_what_they_ask_for() {
+    let provider = MockProvider::new(Duration::from_millis(1));
+    let path = read_path(provider.clone(), 64 * MIB);
+    let reader = open(&path, 100 * MIB);
+    let mut state = 12345u64;
+    for _ in 0..20 {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let offset = (state >> 20) % (100 * MIB - 10_000);
+        let data = path.read(&reader, offset, 10_000).await.unwrap();
+        assert!(data == expected(offset, 10_000));
+    }
+    // Each read touches one or two blocks; none ahead.
+    assert!(
+        provider.request_count() <= 40,
+        "{} fetches",
+        provider.request_count()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_file_stops_its_fetches() {
+    let provider = MockProvider::new(Duration::from_millis(30));
+    // Throttled to 4 MiB/s: read-ahead queues behind the token bucket.
+    let path = ReadPath::new(
+        provider.clone(),
+        Some(Arc::new(Throttle::new(4 * MIB, MIB))),
+        ReadConfig {
+            block_size: MIB,
+            ..ReadConfig::default()
+        },
+    );
+    let reader = open(&path, 64 * MIB);
+    for i in 0..3 {
+        path.read(&reader, i * MIB, MIB as u32).await.unwrap();
+    }
+    path.release(&reader);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let settled = provider.request_count();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        provider.request_count(),
+        settled,
+        "fetches went on after close"
+    );
+    assert!(settled < 64, "the whole disk was fetched");
+    assert!(
+        path.read(&reader, 10 * MIB, 10).await.is_err(),
+        "a closed file reads nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_faults_are_retried_and_permanent_ones_fail_the_read() {
+    let provider = MockProvider::new(Duration::from_millis(1));
+    let path = read_path(provider.clone(), 64 * MIB);
+    let reader = open(&path, 4 * MIB);
+    provider.transient_failures.store(3, Ordering::SeqCst);
+    let data = path.read(&reader, 100, 1000).await.unwrap();
+    assert!(data == expected(100, 1000));
+    assert!(path.stats.retries.load(Ordering::Relaxed) >= 3);
+
+    provider.broken.store(true, Ordering::SeqCst);
+    let err = path.read(&reader, 3 * MIB, 10).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(err.to_string().contains("/vm/disk"), "{err}");
+    provider.broken.store(false, Ordering::SeqCst);
+    assert!(
+        path.read(&reader, 3 * MIB, 10).await.is_ok(),
+        "a later read works"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_never_holds_more_than_its_share_of_memory() {
+    let provider = MockProvider::new(Duration::from_millis(1));
+    let memory = 16 * MIB;
+    let path = read_path(provider.clone(), memory);
+    // Two readers of one disk: no drop-behind, so blocks stay cached.
+    let readers = [open(&path, 200 * MIB), open(&path, 200 * MIB)];
+    for offset in (0..200 * MIB).step_by(MIB as usize) {
+        for reader in &readers {
+            path.read(reader, offset, MIB as u32).await.unwrap();
+        }
+        assert!(
+            path.cache.bytes() <= memory,
+            "cache at {} bytes",
+            path.cache.bytes()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_sequential_reader_frees_what_it_has_read() {
+    let provider = MockProvider::new(Duration::from_millis(1));
+    let path = read_path(provider.clone(), 64 * MIB);
+    let reader = open(&path, 30 * MIB);
+    for offset in (0..30 * MIB).step_by(256 << 10) {
+        path.read(&reader, offset, 256 << 10).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(path.cache.bytes(), 0, "blocks behind the reader are freed");
+}
