@@ -85,19 +85,25 @@ fn four_concurrent_readers_share_the_rate_fairly() {
 
 #[test]
 fn rate_off_puts_no_limiter_in_the_path() {
-    let plain = Mount::new("demo://", "");
-    let (bytes, plain_seconds) = timed_read(&plain.file("web-01/web-01-disk1.vmdk"));
-    assert_eq!(bytes, 1 << 30);
-    drop(plain);
-    let off = Mount::new("demo://", "rate=off");
-    assert!(
-        off.log_text().contains("rate unlimited"),
-        "{}",
-        off.log_text()
-    );
-    let (bytes, off_seconds) = timed_read(&off.file("web-01/web-01-disk1.vmdk"));
-    assert_eq!(bytes, 1 << 30);
-    let (plain_rate, off_rate) = (bytes as f64 / plain_seconds, bytes as f64 / off_seconds);
+    // Best of two reads each, alternating, so one noisy moment on a shared
+    // machine does not decide the comparison.
+    let mut best = [0f64; 2];
+    for _ in 0..2 {
+        for (i, options) in ["", "rate=off"].into_iter().enumerate() {
+            let mount = Mount::new("demo://", options);
+            if options == "rate=off" {
+                assert!(
+                    mount.log_text().contains("rate unlimited"),
+                    "{}",
+                    mount.log_text()
+                );
+            }
+            let (bytes, seconds) = timed_read(&mount.file("web-01/web-01-disk1.vmdk"));
+            assert_eq!(bytes, 1 << 30);
+            best[i] = best[i].max(bytes as f64 / seconds);
+        }
+    }
+    let [plain_rate, off_rate] = best;
     assert!(
         off_rate >= 0.8 * plain_rate,
         "rate=off {off_rate:.0} B/s vs no option {plain_rate:.0} B/s"
