@@ -278,3 +278,32 @@ fn a_killed_readers_fetches_stop() {
         "{later} of 64 blocks fetched: the dead reader's read-ahead was not cancelled"
     );
 }
+
+#[test]
+fn sigterm_unmounts_and_the_daemon_exits() {
+    let mount = Mount::new("demo://", "");
+    assert!(is_mounted(&mount.path));
+    // SAFETY: a plain signal to the daemon this test started.
+    unsafe {
+        libc::kill(mount.pid as i32, libc::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while is_mounted(&mount.path) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!is_mounted(&mount.path), "still mounted after SIGTERM");
+    let gone = |pid: u32| {
+        // Gone, or a zombie waiting for init to reap it.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_or(true, |stat| stat.contains(") Z "))
+    };
+    while !gone(mount.pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(gone(mount.pid), "daemon still running");
+    assert!(
+        mount.log_text().contains("SIGTERM: unmounting"),
+        "{}",
+        mount.log_text()
+    );
+}

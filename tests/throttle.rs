@@ -9,6 +9,10 @@ use common::*;
 
 fn assert_within(achieved: f64, target: f64, tolerance: f64, what: &str) {
     let ratio = achieved / target;
+    eprintln!(
+        "measured: {what}: {achieved:.0} B/s = {:.2}% of {target:.0} B/s",
+        ratio * 100.0
+    );
     assert!(
         (ratio - 1.0).abs() <= tolerance,
         "{what}: {achieved:.0} B/s is {:.1}% of {target:.0} B/s",
@@ -104,6 +108,7 @@ fn rate_off_puts_no_limiter_in_the_path() {
         }
     }
     let [plain_rate, off_rate] = best;
+    eprintln!("measured: no option {plain_rate:.0} B/s, rate=off {off_rate:.0} B/s");
     assert!(
         off_rate >= 0.8 * plain_rate,
         "rate=off {off_rate:.0} B/s vs no option {plain_rate:.0} B/s"
@@ -138,6 +143,10 @@ fn memory_stays_bounded_with_8_readers_of_large_disks() {
     }
     let peak = mount.peak_rss();
     let overhead = 48 * MIB;
+    eprintln!(
+        "measured: peak RSS with 8 readers and cache=64M: {} MiB",
+        peak / MIB
+    );
     assert!(
         peak <= cache + overhead,
         "peak RSS {} MiB > cache {} MiB + {} MiB",
