@@ -1,7 +1,9 @@
 #!/bin/bash
 # Benchmark: every ratio below is measured in this one run, on this machine.
 #
-#   unthrottled sequential read through the mount vs curl from the same nginx
+#   unthrottled sequential read through the mount vs curl from the same nginx,
+#     curl's bytes going to a reader (curl | dd bs=1M, as LAB-NOTES measured
+#     the peers) and, for reference, curl discarding them (-o /dev/null)
 #   the same vs `rclone mount` of the same URL (when rclone is installed)
 #   demo:// through the mount
 #   achieved/target rate at rate=20M and rate=200M
@@ -65,14 +67,22 @@ unmount() { umount "$1" 2>/dev/null || umount -l "$1"; }
 
 cat "$WORK/www/disk.raw" > /dev/null # the server's page cache is warm for everyone
 
-curl_rates=() mount_rates=()
+# curl's throughput when its bytes reach a reading process, as the mount's
+# do: dd reads them from a pipe in 1 MiB blocks.
+curl_to_reader() {
+    curl -s "$URL/disk.raw" | dd of=/dev/null bs=1M iflag=fullblock 2>&1 | awk '/copied/ {print $1 / $(NF-3)}'
+}
+
+curl_rates=() curl_null_rates=() mount_rates=()
 for _ in $(seq "$RUNS"); do
-    curl_rates+=("$(curl -s -o /dev/null -w '%{speed_download}' "$URL/disk.raw")")
+    curl_rates+=("$(curl_to_reader)")
+    curl_null_rates+=("$(curl -s -o /dev/null -w '%{speed_download}' "$URL/disk.raw")")
     m=$(mount_vmx "$URL/manifest.json" "")
     mount_rates+=("$(dd_rate "$m/vm/disk.raw")")
     unmount "$m"
 done
 CURL=$(printf '%s\n' "${curl_rates[@]}" | median)
+CURL_NULL=$(printf '%s\n' "${curl_null_rates[@]}" | median)
 MOUNT=$(printf '%s\n' "${mount_rates[@]}" | median)
 
 RCLONE=
@@ -104,14 +114,16 @@ m=$(mount_vmx demo:// rate=200M)
 R200=$(dd_rate "$m/db-01/db-01-data.vhdx" $((SIZE_MIB * 2)))
 unmount "$m"
 
-awk -v curl="$CURL" -v mnt="$MOUNT" -v rclone="$RCLONE" -v demo="$DEMO" \
+awk -v curl="$CURL" -v curlnull="$CURL_NULL" -v mnt="$MOUNT" -v rclone="$RCLONE" -v demo="$DEMO" \
     -v r20="$R20" -v r200="$R200" -v runs="$RUNS" -v size="$SIZE_MIB" 'BEGIN {
     mb = 1e6
     printf "vmexportfs benchmark: %d MiB file, median of %d runs, loopback nginx\n\n", size, runs
     printf "| measurement | result | target | verdict |\n|---|---|---|---|\n"
-    printf "| curl from nginx | %.0f MB/s | | |\n", curl / mb
-    printf "| mount, http://, no limit | %.0f MB/s | | |\n", mnt / mb
-    printf "| mount / curl | %.2f | >= 0.80 | %s |\n", mnt / curl, (mnt / curl >= 0.8 ? "ok" : "MISS")
+    printf "| curl from nginx into a reader (curl \\| dd bs=1M) | %.0f MB/s | | |\n", curl / mb
+    printf "| mount, http://, no limit (dd bs=1M) | %.0f MB/s | | |\n", mnt / mb
+    printf "| mount / curl into a reader | %.2f | >= 0.80 | %s |\n", mnt / curl, (mnt / curl >= 0.8 ? "ok" : "MISS")
+    printf "| curl -o /dev/null (bytes reach no reader) | %.0f MB/s | | |\n", curlnull / mb
+    printf "| mount / curl -o /dev/null | %.2f | (reference) | |\n", mnt / curlnull
     if (rclone != "") {
         printf "| rclone mount, same URL | %.0f MB/s | | |\n", rclone / mb
         printf "| mount / rclone | %.2f | >= 2.00 | %s |\n", mnt / rclone, (mnt / rclone >= 2 ? "ok" : "MISS")
