@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
 use reqwest::header::{
     HeaderMap, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_MATCH, IF_UNMODIFIED_SINCE, LAST_MODIFIED,
     RANGE,
@@ -55,6 +56,7 @@ pub struct HttpProvider {
     ranges: RangeClient,
 }
 
+const MANIFEST_HEADS_AT_ONCE: usize = 16;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A body that stalls this long is aborted and retried.
 const STALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -94,6 +96,36 @@ impl HttpProvider {
             .map_err(|err| transport_error(url, err))?;
         check_status(url, response.status())?;
         Ok(response.headers().clone())
+    }
+
+    /// The disk entry for one manifest disk, from a HEAD of its URL.
+    async fn describe(
+        &self,
+        path: Vec<String>,
+        listed_size: Option<u64>,
+        url: Url,
+    ) -> Result<DiskEntry, ProviderError> {
+        let headers = self.head(url.as_str()).await?;
+        let size = match listed_size {
+            Some(size) => size,
+            None => content_length(&headers).ok_or_else(|| {
+                ProviderError::Protocol(format!(
+                    "{}: no size in the manifest and no Content-Length",
+                    redact_url(url.as_str())
+                ))
+            })?,
+        };
+        let mtime = headers
+            .get(LAST_MODIFIED)
+            .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(DiskEntry {
+            path,
+            size,
+            mtime,
+            version: Self::version_from(&headers, size),
+            locator: url.to_string(),
+        })
     }
 
     fn version_from(headers: &HeaderMap, size: u64) -> Version {
@@ -162,6 +194,12 @@ fn check_status(url: &str, status: StatusCode) -> Result<(), ProviderError> {
     }
 }
 
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+}
+
 /// Parses `bytes START-END/TOTAL`.
 pub(super) fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)> {
     let rest = value.trim().strip_prefix("bytes ")?;
@@ -193,6 +231,9 @@ impl Provider for HttpProvider {
             ProviderError::Protocol(format!("manifest {}: {err}", redact_url(url)))
         })?;
         let mut inventory = Inventory::default();
+        // Each disk needs a HEAD for its validators; a manifest of many
+        // disks asks several at a time rather than one after another.
+        let mut wanted = Vec::new();
         for vm in manifest.vms {
             if vm.disks.is_empty() {
                 inventory.empty_dirs.push(vec![vm.name.clone()]);
@@ -204,41 +245,20 @@ impl Provider for HttpProvider {
                         disk.name, vm.name
                     ))
                 })?;
-                let headers = self.head(disk_url.as_str()).await?;
-                let size = match disk.size {
-                    Some(size) => size,
-                    None => headers
-                        .get(CONTENT_LENGTH)
-                        .and_then(|v| v.to_str().ok()?.parse().ok())
-                        .ok_or_else(|| {
-                            ProviderError::Protocol(format!(
-                                "{}: no size in the manifest and no Content-Length",
-                                redact_url(disk_url.as_str())
-                            ))
-                        })?,
-                };
-                let mtime = headers
-                    .get(LAST_MODIFIED)
-                    .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok())
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
-                inventory.disks.push(DiskEntry {
-                    path: vec![vm.name.clone(), disk.name],
-                    size,
-                    mtime,
-                    version: Self::version_from(&headers, size),
-                    locator: disk_url.to_string(),
-                });
+                wanted.push((vec![vm.name.clone(), disk.name], disk.size, disk_url));
             }
         }
+        inventory.disks = futures::stream::iter(wanted)
+            .map(|(path, size, url)| self.describe(path, size, url))
+            .buffered(MANIFEST_HEADS_AT_ONCE)
+            .try_collect()
+            .await?;
         Ok(inventory)
     }
 
     async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
         let headers = self.head(&disk.locator).await?;
-        let size = headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .unwrap_or(disk.size);
+        let size = content_length(&headers).unwrap_or(disk.size);
         Ok((size, Self::version_from(&headers, size)))
     }
 
