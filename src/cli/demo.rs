@@ -15,7 +15,9 @@ use crate::provider::demo::{expected_bytes, DEMO_DISKS};
 use crate::size::HumanBytes;
 
 pub fn run(rate: &str, disk: &str) -> anyhow::Result<()> {
-    let options = MountOptions::parse([format!("rate={rate}").as_str()])?;
+    // A small bucket, so that the achieved rate shown is the limit itself
+    // rather than the limit plus the initial burst spread over the copy.
+    let options = MountOptions::parse([format!("rate={rate},burst=1M").as_str()])?;
     let (vm, name) = disk
         .split_once('/')
         .ok_or_else(|| anyhow!("--disk wants VM/DISK, e.g. web-01/web-01-disk0.vmdk"))?;
