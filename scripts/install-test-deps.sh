@@ -1,6 +1,7 @@
 #!/bin/sh
 # Installs what the tests need on a fresh Debian machine: FUSE's user tools,
-# nginx (the HTTP stand-in), rsync, and the tools the tests drive.
+# nginx (the HTTP stand-in), moto (the S3 stand-in), rsync, and the tools the
+# tests drive.
 # Idempotent: packages already present are not fetched again.
 set -eu
 
@@ -20,6 +21,13 @@ if [ -n "$need_apt" ]; then
     apt-get install -y -qq --no-install-recommends $need_apt >/dev/null
 fi
 
+# moto's server, the S3 stand-in, from PyPI.
+if ! command -v moto_server >/dev/null 2>&1; then
+    python3 -m pip install --quiet 'moto[server]>=5,<6'
+    command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+fi
+command -v moto_server >/dev/null 2>&1 || { echo "install-test-deps: moto_server not on PATH after pip install" >&2; exit 1; }
+
 # The distribution's nginx service would hold port 80; the tests start their
 # own nginx on free loopback ports and need none running.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
@@ -28,4 +36,4 @@ fi
 
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 [ -e /dev/fuse ] || { echo "install-test-deps: /dev/fuse is missing" >&2; exit 1; }
-echo "install-test-deps: fuse3, nginx, rsync, curl present"
+echo "install-test-deps: fuse3, nginx, moto, rsync, curl present"

@@ -13,8 +13,10 @@ pub fn run(source: &str, option_groups: &[String]) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let provider = open_source(source, &options)?;
-    let inventory = runtime.block_on(provider.list())?;
+    let inventory = runtime.block_on(async {
+        let provider = open_source(source, &options).await?;
+        provider.list().await
+    })?;
     let mut rows: Vec<(String, u64)> = inventory
         .disks
         .iter()

@@ -158,7 +158,7 @@ pub fn mount(
     if options.rw_requested {
         tracing::warn!("option 'rw' ignored: vmexportfs mounts are always read-only");
     }
-    let provider = open_source(source, options)?;
+    let provider = runtime.block_on(open_source(source, options))?;
     let throttle = options.rate.map(|rate| {
         Arc::new(Throttle::new(
             rate,

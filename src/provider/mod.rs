@@ -18,6 +18,7 @@ pub mod dir;
 pub mod http;
 mod http_range;
 pub mod hyperv;
+pub mod s3;
 
 /// One disk as the provider lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,7 +102,7 @@ pub trait Provider: Send + Sync + 'static {
 }
 
 /// Builds the provider for a SOURCE string such as `dir:///srv/vms`.
-pub fn open_source(
+pub async fn open_source(
     source: &str,
     options: &MountOptions,
 ) -> Result<Arc<dyn Provider>, ProviderError> {
@@ -117,11 +118,12 @@ pub fn open_source(
             source, rest,
         )?)?)),
         "http" | "https" => Ok(Arc::new(http::HttpProvider::new(source, options)?)),
-        "s3" | "az" | "gs" | "vsphere" => Err(ProviderError::Config(format!(
+        "s3" => Ok(Arc::new(s3::S3Provider::new(source, options).await?)),
+        "az" | "gs" | "vsphere" => Err(ProviderError::Config(format!(
             "{scheme}:// sources are not supported by this version of vmexportfs yet"
         ))),
         _ => Err(ProviderError::Config(format!(
-            "unknown source scheme '{scheme}://' in '{source}': expected demo, dir, hyperv, http, https"
+            "unknown source scheme '{scheme}://' in '{source}': expected demo, dir, hyperv, http, https, s3"
         ))),
     }
 }

@@ -50,6 +50,15 @@ impl Mount {
     }
 
     pub fn try_new(source: &str, options: &str) -> Result<Mount, String> {
+        Self::try_new_with_env(source, options, &[])
+    }
+
+    /// Mounts with extra environment (credentials) for the mount process.
+    pub fn try_new_with_env(
+        source: &str,
+        options: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Mount, String> {
         let dir = tempfile::Builder::new()
             .prefix("vmx-test-")
             .tempdir()
@@ -67,6 +76,7 @@ impl Mount {
             .arg(&path)
             .args(["-o", &options])
             .env("RUST_LOG", "vmexportfs=debug,info")
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         if !output.status.success() {
@@ -172,6 +182,89 @@ pub fn daemon_pid(mountpoint: &Path) -> Option<u32> {
         }
     }
     None
+}
+
+/// moto, the S3 stand-in, on a free loopback port.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+/// Credentials moto accepts (it checks none).
+pub const S3_ENV: &[(&str, &str)] = &[
+    ("AWS_ACCESS_KEY_ID", "test"),
+    ("AWS_SECRET_ACCESS_KEY", "test"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+impl Moto {
+    pub fn start() -> Moto {
+        require_tool("moto_server");
+        let port = free_port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting moto_server");
+        wait_for_port(port);
+        Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn client(&self) -> aws_sdk_s3::Client {
+        let config = aws_sdk_s3::config::Builder::new()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "test", "test", None, None, "tests",
+            ))
+            .build();
+        aws_sdk_s3::Client::from_conf(config)
+    }
+
+    /// Creates `bucket` and puts each (key, bytes).
+    pub fn seed(&self, bucket: &str, objects: &[(&str, Vec<u8>)]) {
+        let client = self.client();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            client.create_bucket().bucket(bucket).send().await.unwrap();
+            for (key, bytes) in objects {
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(*key)
+                    .body(bytes.clone().into())
+                    .send()
+                    .await
+                    .unwrap_or_else(|err| panic!("put {key}: {err:?}"));
+            }
+        });
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `size` pseudo-random bytes that differ per `seed`.
+pub fn random_bytes(size: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
 }
 
 /// nginx serving `root` on a free loopback port, with an access log that

@@ -1,0 +1,277 @@
+//! `s3://bucket[/prefix]`: AWS S3 and S3-compatible stores, where VM
+//! Import/Export writes its `export-i-….vmdk|vhd|ova` files.
+//!
+//! The key hierarchy under the prefix becomes directories; every object is
+//! a file (keys ending in `/` are folder markers and become directories).
+//! Credentials come from the SDK's standard chain (environment, profile, web
+//! identity, IMDS) unless `anonymous`; `endpoint=` selects an S3-compatible
+//! store and implies path-style addressing. Each block is one ranged
+//! GetObject carrying `If-Match` with the ETag pinned at open, so an object
+//! overwritten under a reader fails that read (412) instead of mixing bytes.
+
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_config::{BehaviorVersion, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use bytes::Bytes;
+
+use super::{DiskEntry, Inventory, Provider, ProviderError, Version};
+use crate::options::MountOptions;
+
+const ETAG_PREFIX: &str = "etag:";
+/// The SDK's own retries stay short: the read path retries on top, with
+/// its own backoff, and a mount must never hang on a dead endpoint.
+const SDK_ATTEMPTS: u32 = 2;
+
+pub struct S3Provider {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    /// Empty, or ends with `/`.
+    prefix: String,
+}
+
+/// Splits `s3://bucket/some/prefix` into ("bucket", "some/prefix/").
+fn parse_source(source: &str) -> Result<(String, String), ProviderError> {
+    let rest = source.strip_prefix("s3://").unwrap_or(source);
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_'
+        });
+    if !valid_bucket {
+        return Err(ProviderError::Config(format!(
+            "'{source}' does not name a bucket: expected s3://BUCKET[/PREFIX] with a 3-63 character bucket name"
+        )));
+    }
+    let prefix = prefix.trim_matches('/');
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{prefix}/")
+    };
+    Ok((bucket.to_string(), prefix))
+}
+
+impl S3Provider {
+    pub async fn new(source: &str, options: &MountOptions) -> Result<Self, ProviderError> {
+        let (bucket, prefix) = parse_source(source)?;
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .read_timeout(Duration::from_secs(30))
+                    .operation_attempt_timeout(Duration::from_secs(120))
+                    .build(),
+            )
+            .retry_config(RetryConfig::standard().with_max_attempts(SDK_ATTEMPTS));
+        if let Some(region) = &options.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(profile) = &options.profile {
+            loader = loader.profile_name(profile);
+        }
+        if options.anonymous {
+            loader = loader.no_credentials();
+        }
+        let shared = loader.load().await;
+        let mut config = aws_sdk_s3::config::Builder::from(&shared);
+        if shared.region().is_none() {
+            // S3 needs a region to sign with; us-east-1 answers for any
+            // bucket with a redirect hint, and emulators ignore it.
+            tracing::info!("no AWS region configured; using us-east-1 (set region= to choose)");
+            config = config.region(Region::new("us-east-1"));
+        }
+        if let Some(endpoint) = &options.endpoint {
+            config = config.endpoint_url(endpoint).force_path_style(true);
+        }
+        Ok(S3Provider {
+            client: aws_sdk_s3::Client::from_conf(config.build()),
+            bucket,
+            prefix,
+        })
+    }
+
+    fn object(&self, key: &str) -> String {
+        format!("s3://{}/{key}", self.bucket)
+    }
+}
+
+/// SDK errors → provider errors, by what a caller can do about them.
+fn map_error<E>(
+    what: &str,
+    err: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    pinned: Option<&Version>,
+) -> ProviderError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    let status = err
+        .raw_response()
+        .map(|response| response.status().as_u16());
+    let code = err.code().unwrap_or("").to_string();
+    let detail = causes(&err);
+    match (&err, status) {
+        (SdkError::DispatchFailure(_) | SdkError::TimeoutError(_), _) => {
+            ProviderError::Unreachable(format!("{what}: {detail}"))
+        }
+        (_, Some(412)) => ProviderError::Changed {
+            pinned: pinned.map(|v| v.0.clone()).unwrap_or_default(),
+        },
+        (_, Some(404)) if code == "NoSuchBucket" => {
+            ProviderError::NotFound(format!("{what}: the bucket does not exist"))
+        }
+        (_, Some(404)) => ProviderError::NotFound(format!("{what}: {code}")),
+        (_, Some(401 | 403)) => ProviderError::Denied(format!(
+            "{what}: {code} (check the credentials and the bucket policy)"
+        )),
+        (_, Some(status)) if status >= 500 || status == 429 => {
+            ProviderError::Unreachable(format!("{what}: HTTP {status} {code}"))
+        }
+        (SdkError::ResponseError(_), _) => ProviderError::Unreachable(format!("{what}: {detail}")),
+        _ => ProviderError::Protocol(format!("{what}: {detail}")),
+    }
+}
+
+/// "dispatch failure: io error: ...: Connection refused (os error 111)":
+/// each cause's own message once, without the SDK's debug dump.
+fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
+}
+
+fn to_system_time(time: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
+    time.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+}
+
+#[async_trait]
+impl Provider for S3Provider {
+    async fn list(&self) -> Result<Inventory, ProviderError> {
+        let mut inventory = Inventory::default();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&self.prefix)
+            .into_paginator()
+            .send();
+        let listing = format!("listing s3://{}/{}", self.bucket, self.prefix);
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|err| map_error(&listing, err, None))?;
+            for object in page.contents() {
+                let Some(key) = object.key() else { continue };
+                let Some(relative) = key.strip_prefix(&self.prefix) else {
+                    continue;
+                };
+                if relative.is_empty() {
+                    continue;
+                }
+                if let Some(folder) = relative.strip_suffix('/') {
+                    inventory
+                        .empty_dirs
+                        .push(folder.split('/').map(str::to_string).collect());
+                    continue;
+                }
+                let size = object.size().unwrap_or(0).max(0) as u64;
+                inventory.disks.push(DiskEntry {
+                    path: relative.split('/').map(str::to_string).collect(),
+                    size,
+                    mtime: to_system_time(object.last_modified()),
+                    version: Version(format!("{ETAG_PREFIX}{}", object.e_tag().unwrap_or(""))),
+                    locator: key.to_string(),
+                });
+            }
+        }
+        Ok(inventory)
+    }
+
+    async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&disk.locator)
+            .send()
+            .await
+            .map_err(|err| map_error(&format!("HEAD {}", self.object(&disk.locator)), err, None))?;
+        let size = head.content_length().unwrap_or(0).max(0) as u64;
+        let etag = head.e_tag().unwrap_or("");
+        Ok((size, Version(format!("{ETAG_PREFIX}{etag}"))))
+    }
+
+    async fn read(
+        &self,
+        disk: &DiskEntry,
+        version: &Version,
+        offset: u64,
+        len: usize,
+    ) -> Result<Bytes, ProviderError> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let what = format!(
+            "GET {} bytes={offset}-{}",
+            self.object(&disk.locator),
+            offset + len as u64 - 1
+        );
+        let mut request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&disk.locator)
+            .range(format!("bytes={offset}-{}", offset + len as u64 - 1));
+        if let Some(etag) = version
+            .0
+            .strip_prefix(ETAG_PREFIX)
+            .filter(|e| !e.is_empty())
+        {
+            request = request.if_match(etag);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|err| map_error(&what, err, Some(version)))?;
+        let body = response
+            .body
+            .collect()
+            .await
+            .map_err(|err| ProviderError::Unreachable(format!("{what}: body: {}", causes(&err))))?
+            .into_bytes();
+        if body.len() != len {
+            return Err(ProviderError::Unreachable(format!(
+                "{what}: got {} of {len} bytes",
+                body.len()
+            )));
+        }
+        Ok(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_name_a_bucket_and_an_optional_prefix() {
+        assert_eq!(parse_source("s3://vms").unwrap(), ("vms".into(), "".into()));
+        assert_eq!(
+            parse_source("s3://vms/exports/2024/").unwrap(),
+            ("vms".into(), "exports/2024/".into())
+        );
+        for bad in ["s3://", "s3:///x", "s3://UPPER", "s3://ab", "s3://a b/c"] {
+            let err = parse_source(bad).unwrap_err().to_string();
+            assert!(err.contains("does not name a bucket"), "{bad}: {err}");
+        }
+    }
+}
