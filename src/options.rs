@@ -7,6 +7,7 @@
 //! names the option.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::size::{parse_size, SizeError};
 
@@ -66,7 +67,14 @@ pub struct MountOptions {
     pub rw_requested: bool,
     /// Where a daemonized mount writes its log.
     pub log: Option<PathBuf>,
+    /// A provider answer that stops sending bytes this long is aborted and
+    /// retried.
+    pub stall_timeout: Duration,
 }
+
+/// Long enough for a congested WAN link to recover, short enough that a
+/// dead connection is noticed well within a copy.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Default for MountOptions {
     fn default() -> Self {
@@ -90,6 +98,7 @@ impl Default for MountOptions {
             default_permissions: false,
             rw_requested: false,
             log: None,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
     }
 }
@@ -201,6 +210,21 @@ impl MountOptions {
             }
             "rw" => self.rw_requested = flag(value)?,
             "log" => self.log = Some(PathBuf::from(need(value)?)),
+            "stall_timeout" => {
+                let text = need(value)?;
+                let seconds: f64 = text
+                    .strip_suffix('s')
+                    .unwrap_or(&text)
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s >= 0.1 && *s <= 3600.0)
+                    .ok_or_else(|| OptionError::BadValue {
+                        name: name.to_string(),
+                        value: text.clone(),
+                        expected: "a number of seconds between 0.1 and 3600, e.g. 30 or 2.5s",
+                    })?;
+                self.stall_timeout = Duration::from_secs_f64(seconds);
+            }
             "snapshot" | "schedule" | "file_rate" | "priority" | "fleet" | "fleet_key"
             | "fleet_rate" | "fleet_fallback" | "control" | "metrics" => {
                 return Err(OptionError::NotYetSupported(name.to_string()))
@@ -274,6 +298,8 @@ mod tests {
         let err = MountOptions::parse(["anonymous=yes"]).unwrap_err();
         assert_eq!(err, OptionError::UnexpectedValue("anonymous".into()));
         assert!(MountOptions::parse(["umask=999"]).is_err());
+        assert!(MountOptions::parse(["stall_timeout=0"]).is_err());
+        assert!(MountOptions::parse(["stall_timeout=soon"]).is_err());
         assert!(MountOptions::parse(["cache=1K"]).is_err());
     }
 
@@ -285,5 +311,7 @@ mod tests {
         assert_eq!(options.gid, Some(100));
         assert_eq!(options.umask, Some(0o27));
         assert!(options.allow_other && options.insecure);
+        let options = MountOptions::parse(["stall_timeout=2.5s"]).unwrap();
+        assert_eq!(options.stall_timeout, Duration::from_millis(2500));
     }
 }

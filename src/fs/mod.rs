@@ -196,13 +196,17 @@ impl FsCore {
             return Err(FsError::IsDirectory);
         };
         let path = self.tree.path_of(ino);
-        let (current_size, version) = self.provider.stat(disk).await.map_err(|source| {
-            tracing::warn!(%path, "open failed: {source}");
-            FsError::Provider {
-                path: path.clone(),
-                source,
-            }
-        })?;
+        let (current_size, version) = self
+            .read_path
+            .retrying(&path, "open", || self.provider.stat(disk))
+            .await
+            .map_err(|source| {
+                tracing::warn!(%path, "open failed: {source}");
+                FsError::Provider {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         let listed = size.swap(current_size, Ordering::Relaxed);
         if listed != current_size {
             tracing::info!(%path, listed, current_size, "disk size changed since it was listed");

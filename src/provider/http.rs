@@ -58,8 +58,6 @@ pub struct HttpProvider {
 
 const MANIFEST_HEADS_AT_ONCE: usize = 16;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// A body that stalls this long is aborted and retried.
-const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 const USER_AGENT: &str = concat!("vmexportfs/", env!("CARGO_PKG_VERSION"));
 
 const ETAG_PREFIX: &str = "etag:";
@@ -83,7 +81,7 @@ impl HttpProvider {
         Ok(HttpProvider {
             manifest_url,
             client: build_client(options)?,
-            ranges: RangeClient::new(CONNECT_TIMEOUT, STALL_TIMEOUT, USER_AGENT),
+            ranges: RangeClient::new(CONNECT_TIMEOUT, options.stall_timeout, USER_AGENT),
         })
     }
 
@@ -143,7 +141,7 @@ impl HttpProvider {
 pub fn build_client(options: &MountOptions) -> Result<reqwest::Client, ProviderError> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
-        .read_timeout(STALL_TIMEOUT)
+        .read_timeout(options.stall_timeout)
         .pool_max_idle_per_host(64)
         .user_agent(USER_AGENT);
     if let Some(cafile) = &options.cafile {

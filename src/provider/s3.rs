@@ -62,7 +62,7 @@ impl S3Provider {
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(10))
-                    .read_timeout(Duration::from_secs(30))
+                    .read_timeout(options.stall_timeout)
                     .operation_attempt_timeout(Duration::from_secs(120))
                     .build(),
             )

@@ -493,43 +493,61 @@ impl ReadPath {
             .acquire()
             .await
             .map_err(|_| FetchError::Cancelled)?;
+        let result = self
+            .retrying(&reader.path, "read", || async {
+                if let Some(throttle) = &self.throttle {
+                    throttle.acquire(&reader.flow, len).await;
+                }
+                self.stats.fetches.fetch_add(1, Ordering::Relaxed);
+                let block = self
+                    .provider
+                    .read(&reader.disk, &reader.version, offset, len as usize)
+                    .await?;
+                if block.len() as u64 != len {
+                    return Err(ProviderError::Protocol(format!(
+                        "asked for {len} bytes at {offset}, got {}",
+                        block.len()
+                    )));
+                }
+                Ok(block)
+            })
+            .await;
+        match result {
+            Ok(block) => {
+                self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+                Ok(block)
+            }
+            Err(err) => Err(self.failed(reader, offset, len, err)),
+        }
+    }
+
+    /// Runs a provider call, retrying transient failures (timeouts, resets,
+    /// stalls, 5xx, throttling) with exponential backoff and full jitter;
+    /// gives up with the last error when the retries are spent.
+    pub async fn retrying<T, F, Fut>(
+        &self,
+        path: &str,
+        operation: &str,
+        mut call: F,
+    ) -> Result<T, ProviderError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ProviderError>>,
+    {
         let mut attempt = 0;
         loop {
-            if let Some(throttle) = &self.throttle {
-                throttle.acquire(&reader.flow, len).await;
-            }
-            self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-            match self
-                .provider
-                .read(&reader.disk, &reader.version, offset, len as usize)
-                .await
-            {
-                Ok(block) if block.len() as u64 == len => {
-                    self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
-                    return Ok(block);
-                }
-                Ok(block) => {
-                    return Err(self.failed(
-                        reader,
-                        offset,
-                        len,
-                        ProviderError::Protocol(format!(
-                            "asked for {len} bytes, got {}",
-                            block.len()
-                        )),
-                    ))
-                }
+            match call().await {
                 Err(err) if err.is_transient() && attempt < self.config.max_retries => {
                     let pause = backoff(attempt, self.config.base_backoff, self.config.max_backoff);
                     tracing::info!(
-                        path = %reader.path, offset, len, attempt = attempt + 1,
-                        "read failed, retrying in {pause:?}: {err}"
+                        %path, attempt = attempt + 1,
+                        "{operation} failed, retrying in {pause:?}: {err}"
                     );
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(pause).await;
                     attempt += 1;
                 }
-                Err(err) => return Err(self.failed(reader, offset, len, err)),
+                result => return result,
             }
         }
     }

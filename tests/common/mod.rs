@@ -2,6 +2,8 @@
 //! real stand-in servers, and guards that clean up even when a test fails.
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

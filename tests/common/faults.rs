@@ -1,0 +1,179 @@
+//! A fault-injecting HTTP proxy between a mount and a stand-in: it passes
+//! requests through, or answers them with the faults providers really show
+//! (dropped connections, 500/503, bodies cut short, bodies that stall).
+//! One request per connection, so each request can be judged on its own.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Close the connection without answering.
+    Drop,
+    /// Answer with this status and no body.
+    Status(u16),
+    /// Forward the answer but close after half of the body.
+    CutBody,
+    /// Forward the head and a little body, then send nothing for `STALL`.
+    Stall,
+}
+
+const STALL: Duration = Duration::from_secs(6);
+
+#[derive(Debug, Clone)]
+pub enum Plan {
+    PassThrough,
+    /// Every `every`-th request gets the next fault of the cycle.
+    Every {
+        every: u64,
+        faults: Vec<Fault>,
+    },
+    /// Every request gets this fault.
+    Always(Fault),
+}
+
+pub struct FaultProxy {
+    pub port: u16,
+    plan: Arc<Mutex<Plan>>,
+    pub requests: Arc<AtomicU64>,
+    pub faults_injected: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream_port: u16) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let plan = Arc::new(Mutex::new(Plan::PassThrough));
+        let requests = Arc::new(AtomicU64::new(0));
+        let faults_injected = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, r, f, s) = (
+            plan.clone(),
+            requests.clone(),
+            faults_injected.clone(),
+            stop.clone(),
+        );
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                let (p, r, f) = (p.clone(), r.clone(), f.clone());
+                std::thread::spawn(move || {
+                    let _ = handle(client, upstream_port, &p, &r, &f);
+                });
+            }
+        });
+        FaultProxy {
+            port,
+            plan,
+            requests,
+            faults_injected,
+            stop,
+        }
+    }
+
+    pub fn set(&self, plan: Plan) {
+        *self.plan.lock().unwrap() = plan;
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn read_head(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        head.push(byte[0]);
+    }
+    Ok(head)
+}
+
+fn handle(
+    mut client: TcpStream,
+    upstream_port: u16,
+    plan: &Mutex<Plan>,
+    requests: &AtomicU64,
+    faults_injected: &AtomicU64,
+) -> std::io::Result<()> {
+    let head = read_head(&mut client)?;
+    let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
+    let fault = match &*plan.lock().unwrap() {
+        Plan::PassThrough => None,
+        Plan::Always(fault) => Some(*fault),
+        Plan::Every { every, faults } if n.is_multiple_of(*every) => {
+            Some(faults[((n / every - 1) % faults.len() as u64) as usize])
+        }
+        Plan::Every { .. } => None,
+    };
+    if fault.is_some() {
+        faults_injected.fetch_add(1, Ordering::SeqCst);
+    }
+    match fault {
+        Some(Fault::Drop) => return client.shutdown(Shutdown::Both),
+        Some(Fault::Status(code)) => {
+            let reason = if code == 503 {
+                "Service Unavailable"
+            } else {
+                "Internal Server Error"
+            };
+            write!(
+                client,
+                "HTTP/1.1 {code} {reason}\r\nContent-Length: 0\r\nConnection: close\r\nRetry-After: 0\r\n\r\n"
+            )?;
+            return client.shutdown(Shutdown::Both);
+        }
+        _ => {}
+    }
+    // One request per connection: ask upstream to close after answering.
+    let text = String::from_utf8_lossy(&head);
+    let mut forwarded: String = text
+        .split("\r\n")
+        .filter(|line| !line.to_ascii_lowercase().starts_with("connection:"))
+        .take_while(|line| !line.is_empty())
+        .map(|line| format!("{line}\r\n"))
+        .collect();
+    forwarded.push_str("Connection: close\r\n\r\n");
+    let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
+    upstream.write_all(forwarded.as_bytes())?;
+    let mut answer = Vec::new();
+    upstream.read_to_end(&mut answer)?;
+    match fault {
+        Some(Fault::CutBody) => {
+            let body_at = answer
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(0, |p| p + 4);
+            let cut = body_at + (answer.len() - body_at) / 2;
+            client.write_all(&answer[..cut])?;
+            client.shutdown(Shutdown::Both)
+        }
+        Some(Fault::Stall) => {
+            let body_at = answer
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(0, |p| p + 4);
+            client.write_all(&answer[..(body_at + 1000).min(answer.len())])?;
+            std::thread::sleep(STALL);
+            client.shutdown(Shutdown::Both)
+        }
+        _ => client.write_all(&answer),
+    }
+}
