@@ -110,8 +110,10 @@ DEMO=$(printf '%s\n' "${demo_rates[@]}" | median)
 m=$(mount_vmx "$URL/manifest.json" rate=20M)
 R20=$(dd_rate "$m/vm/disk.raw" $((SIZE_MIB < 200 ? SIZE_MIB : 200)))
 unmount "$m"
-m=$(mount_vmx demo:// rate=200M)
-R200=$(dd_rate "$m/db-01/db-01-data.vhdx" $((SIZE_MIB * 2)))
+# The disk twice in one stream: ~10 s at 200 MiB/s (demo disks have holes,
+# which cost no tokens, so they cannot measure the limit).
+m=$(mount_vmx "$URL/manifest.json" rate=200M)
+R200=$(cat "$m/vm/disk.raw" "$m/vm/disk.raw" | dd of=/dev/null bs=1M iflag=fullblock 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')
 unmount "$m"
 
 awk -v curl="$CURL" -v curlnull="$CURL_NULL" -v mnt="$MOUNT" -v rclone="$RCLONE" -v demo="$DEMO" \

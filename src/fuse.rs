@@ -372,6 +372,21 @@ impl fuser::Filesystem for FuseAdapter {
         reply.error(Errno::EROFS);
     }
 
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: fuser::ReplyLseek,
+    ) {
+        match self.core.seek(fh.0, offset, whence) {
+            Ok(found) => reply.offset(found as i64),
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
     fn fallocate(
         &self,
         _req: &Request,

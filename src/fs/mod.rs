@@ -134,11 +134,15 @@ impl FsCore {
             }
             NodeKind::File { size, .. } => (Kind::File, size.load(Ordering::Relaxed), 0o444, 1),
         };
+        let allocated = match &node.kind {
+            NodeKind::File { disk, .. } => disk.allocated.map_or(size, |a| a.min(size)),
+            NodeKind::Dir { .. } => 0,
+        };
         Ok(Attr {
             ino,
             kind,
             size,
-            blocks: size.div_ceil(512),
+            blocks: allocated.div_ceil(512),
             mtime: node.mtime,
             perm: (perm & !self.owner.umask) as u16,
             nlink,
@@ -207,13 +211,24 @@ impl FsCore {
                     source,
                 }
             })?;
+        let data = self
+            .read_path
+            .retrying(&path, "open", || self.provider.data_ranges(disk, &version))
+            .await
+            .map_err(|source| {
+                tracing::warn!(%path, "open failed: {source}");
+                FsError::Provider {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         let listed = size.swap(current_size, Ordering::Relaxed);
         if listed != current_size {
             tracing::info!(%path, listed, current_size, "disk size changed since it was listed");
         }
         let reader = self
             .read_path
-            .open(ino, Arc::clone(disk), version, current_size, path);
+            .open(ino, Arc::clone(disk), version, current_size, path, data);
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles
             .write()
@@ -240,6 +255,18 @@ impl FsCore {
     pub fn start_read(&self, fh: u64, offset: u64, size: u32) -> Result<Started, FsError> {
         let handle = self.handle(fh)?;
         Ok(self.read_path.start(&handle.reader, offset, size))
+    }
+
+    /// `lseek` with SEEK_DATA or SEEK_HOLE (the kernel does the others).
+    pub fn seek(&self, fh: u64, offset: i64, whence: i32) -> Result<u64, FsError> {
+        let handle = self.handle(fh)?;
+        let offset = u64::try_from(offset).map_err(|_| FsError::InvalidArgument)?;
+        let found = match whence {
+            libc::SEEK_DATA => handle.reader.next_data(offset),
+            libc::SEEK_HOLE => handle.reader.next_hole(offset),
+            _ => return Err(FsError::InvalidArgument),
+        };
+        found.ok_or(FsError::NoMoreData)
     }
 
     /// Closes a file: its fetches stop.

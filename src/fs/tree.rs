@@ -171,6 +171,7 @@ mod tests {
             mtime: SystemTime::UNIX_EPOCH,
             version: Version("v".into()),
             locator: path.join("/"),
+            allocated: None,
         }
     }
 

@@ -4,6 +4,7 @@
 //! can be produced on demand and checked independently ([`expected_bytes`]).
 //! Every fourth 64 MiB region is all zeros, as unused space in a real disk is.
 
+use std::ops::Range;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -52,6 +53,7 @@ impl Provider for DemoProvider {
                 mtime: demo_mtime(),
                 version: Version("demo-v1".into()),
                 locator: disk.to_string(),
+                allocated: Some(data_ranges_of(size).iter().map(|r| r.end - r.start).sum()),
             })
             .collect();
         Ok(Inventory {
@@ -62,6 +64,14 @@ impl Provider for DemoProvider {
 
     async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
         Ok((disk.size, disk.version.clone()))
+    }
+
+    async fn data_ranges(
+        &self,
+        disk: &DiskEntry,
+        _version: &Version,
+    ) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
+        Ok(Some(data_ranges_of(disk.size)))
     }
 
     async fn read(
@@ -75,6 +85,18 @@ impl Provider for DemoProvider {
         fill(&disk.locator, offset, &mut buf);
         Ok(buf.freeze())
     }
+}
+
+fn is_zero_region(index: u64) -> bool {
+    index % 4 == 3
+}
+
+/// Everything but the zero regions.
+fn data_ranges_of(size: u64) -> Vec<Range<u64>> {
+    (0..size.div_ceil(ZERO_REGION))
+        .filter(|&index| !is_zero_region(index))
+        .map(|index| index * ZERO_REGION..((index + 1) * ZERO_REGION).min(size))
+        .collect()
 }
 
 /// The demo bytes of disk `name` at `offset`, for checking copies.
@@ -107,7 +129,7 @@ fn fill(name: &str, offset: u64, buf: &mut [u8]) {
         let region_end = (at / ZERO_REGION + 1) * ZERO_REGION;
         let chunk = ((region_end - at) as usize).min(buf.len() - pos);
         let out = &mut buf[pos..pos + chunk];
-        if (at / ZERO_REGION) % 4 == 3 {
+        if is_zero_region(at / ZERO_REGION) {
             out.fill(0);
         } else {
             fill_words(seed, at, out);
@@ -144,6 +166,20 @@ mod tests {
             );
         }
         assert_ne!(expected_bytes("y", 0, 64), whole[..64]);
+    }
+
+    #[test]
+    fn data_ranges_skip_exactly_the_zero_regions() {
+        let ranges = data_ranges_of(4 * ZERO_REGION + 10);
+        assert_eq!(
+            ranges,
+            [
+                0..ZERO_REGION,
+                ZERO_REGION..2 * ZERO_REGION,
+                2 * ZERO_REGION..3 * ZERO_REGION,
+                4 * ZERO_REGION..4 * ZERO_REGION + 10
+            ]
+        );
     }
 
     #[test]

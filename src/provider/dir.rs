@@ -6,6 +6,7 @@
 //! are skipped so that nothing outside the tree is ever served.
 
 use std::fs::{File, Metadata};
+use std::ops::Range;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -55,6 +56,7 @@ pub(super) fn entry_for(path: Vec<String>, file: &Path, meta: &Metadata) -> Disk
         mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
         version: version_of(meta),
         locator: file.to_string_lossy().into_owned(),
+        allocated: Some((meta.blocks() * 512).min(meta.len())),
     }
 }
 
@@ -137,6 +139,58 @@ pub(super) async fn read_blocking(
         .map_err(|err| ProviderError::Io(std::io::Error::other(err)))?
 }
 
+/// The data extents of a (possibly sparse) file, by SEEK_DATA/SEEK_HOLE on
+/// the file itself, under the same size+mtime precondition as reads;
+/// `None` when the file system cannot tell (no SEEK_DATA): all data.
+pub(super) fn file_data_ranges(
+    locator: &str,
+    version: &Version,
+) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
+    use std::os::fd::AsRawFd;
+    let file = File::open(locator)?;
+    let meta = file.metadata()?;
+    if &version_of(&meta) != version {
+        return Err(ProviderError::Changed {
+            pinned: version.0.clone(),
+        });
+    }
+    let size = meta.len() as i64;
+    let fd = file.as_raw_fd();
+    let mut ranges = Vec::new();
+    let mut at: i64 = 0;
+    while at < size {
+        // SAFETY: lseek on a descriptor we own; it only moves the offset.
+        let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole from `at` to the end
+            }
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                return Ok(None);
+            }
+            return Err(err.into());
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { size } else { hole.min(size) };
+        ranges.push(data as u64..end as u64);
+        at = end;
+    }
+    Ok(Some(ranges))
+}
+
+pub(super) async fn data_ranges_blocking(
+    locator: &str,
+    version: &Version,
+) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
+    let locator = locator.to_string();
+    let version = version.clone();
+    tokio::task::spawn_blocking(move || file_data_ranges(&locator, &version))
+        .await
+        .map_err(|err| ProviderError::Io(std::io::Error::other(err)))?
+}
+
 pub(super) async fn stat_file(locator: &str) -> Result<(u64, Version), ProviderError> {
     let meta = tokio::fs::metadata(locator)
         .await
@@ -164,6 +218,14 @@ impl Provider for DirProvider {
 
     async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
         stat_file(&disk.locator).await
+    }
+
+    async fn data_ranges(
+        &self,
+        disk: &DiskEntry,
+        version: &Version,
+    ) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
+        data_ranges_blocking(&disk.locator, version).await
     }
 
     async fn read(

@@ -123,6 +123,7 @@ impl HttpProvider {
             mtime,
             version: Self::version_from(&headers, size),
             locator: url.to_string(),
+            allocated: None,
         })
     }
 

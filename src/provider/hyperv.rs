@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::dir::{check_root, entry_for, read_blocking, stat_file};
+use super::dir::{check_root, data_ranges_blocking, entry_for, read_blocking, stat_file};
 use super::{DiskEntry, Inventory, Provider, ProviderError, Version};
 
 const DISK_FOLDER: &str = "virtual hard disks";
@@ -123,6 +123,14 @@ impl Provider for HyperVProvider {
 
     async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
         stat_file(&disk.locator).await
+    }
+
+    async fn data_ranges(
+        &self,
+        disk: &DiskEntry,
+        version: &Version,
+    ) -> Result<Option<Vec<std::ops::Range<u64>>>, ProviderError> {
+        data_ranges_blocking(&disk.locator, version).await
     }
 
     async fn read(

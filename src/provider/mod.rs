@@ -5,6 +5,7 @@
 //! "what disks are there" and "give me bytes `[offset, offset+len)` of this
 //! disk, as long as it is still the version I pinned".
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -31,6 +32,9 @@ pub struct DiskEntry {
     pub version: Version,
     /// Provider-private address of the bytes (file path, URL, key).
     pub locator: String,
+    /// Bytes that hold data, when the provider knows the disk is sparse;
+    /// it becomes `st_blocks`, which tells `cp` to look for holes.
+    pub allocated: Option<u64>,
 }
 
 /// The identity of one version of a disk's bytes: an ETag, a generation,
@@ -88,6 +92,17 @@ pub trait Provider: Send + Sync + 'static {
 
     /// The current size and version of one disk; called at open to pin it.
     async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError>;
+
+    /// The byte ranges that hold data, sorted and disjoint; the rest reads
+    /// as zeros and is served without fetching. `None`: all of it is data
+    /// (or the provider cannot tell).
+    async fn data_ranges(
+        &self,
+        _disk: &DiskEntry,
+        _version: &Version,
+    ) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
+        Ok(None)
+    }
 
     /// Exactly `len` bytes at `offset` (the caller never reads past the size
     /// it pinned), failing with [`ProviderError::Changed`] if the disk is no

@@ -190,6 +190,7 @@ impl Provider for S3Provider {
                     mtime: to_system_time(object.last_modified()),
                     version: Version(format!("{ETAG_PREFIX}{}", object.e_tag().unwrap_or(""))),
                     locator: key.to_string(),
+                    allocated: None,
                 });
             }
         }

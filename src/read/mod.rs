@@ -23,6 +23,7 @@ pub mod cache;
 pub mod prefetch;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -80,6 +81,19 @@ pub struct Stats {
     pub fetches: AtomicU64,
     pub fetch_errors: AtomicU64,
     pub retries: AtomicU64,
+    /// Blocks served as zeros from a hole, never fetched.
+    pub hole_blocks: AtomicU64,
+}
+
+/// Shared zeros for blocks in holes (in .bss: no memory until read).
+static ZEROS: [u8; 4 << 20] = [0; 4 << 20];
+
+fn zeros(len: usize) -> Bytes {
+    if len <= ZEROS.len() {
+        Bytes::from_static(&ZEROS[..len])
+    } else {
+        Bytes::from(vec![0; len])
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -162,11 +176,54 @@ pub struct FileReader {
     flow: Flow,
     /// Open files reading this same disk version, this one included.
     readers_of_version: Arc<AtomicUsize>,
+    /// Where the data is, when the provider knows the disk is sparse.
+    data: Option<Vec<Range<u64>>>,
 }
 
 impl FileReader {
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether `[start, end)` holds no data at all.
+    fn is_hole(&self, start: u64, end: u64) -> bool {
+        let Some(ranges) = &self.data else {
+            return false;
+        };
+        let first = ranges.partition_point(|range| range.end <= start);
+        ranges.get(first).is_none_or(|range| range.start >= end)
+    }
+
+    /// SEEK_DATA: the first offset ≥ `offset` that holds data.
+    pub fn next_data(&self, offset: u64) -> Option<u64> {
+        if offset >= self.size {
+            return None;
+        }
+        let Some(ranges) = &self.data else {
+            return Some(offset);
+        };
+        let first = ranges.partition_point(|range| range.end <= offset);
+        ranges.get(first).map(|range| range.start.max(offset))
+    }
+
+    /// SEEK_HOLE: the first offset ≥ `offset` in a hole; the end of the
+    /// file counts as one.
+    pub fn next_hole(&self, offset: u64) -> Option<u64> {
+        if offset >= self.size {
+            return None;
+        }
+        let Some(ranges) = &self.data else {
+            return Some(self.size);
+        };
+        let mut at = offset;
+        // Ranges may touch (page lists are not merged): walk across them.
+        for range in &ranges[ranges.partition_point(|range| range.end <= offset)..] {
+            if range.start > at {
+                break;
+            }
+            at = range.end;
+        }
+        Some(at.min(self.size))
     }
 
     pub fn path(&self) -> &str {
@@ -246,6 +303,7 @@ impl ReadPath {
         version: Version,
         size: u64,
         path: String,
+        data: Option<Vec<Range<u64>>>,
     ) -> Arc<FileReader> {
         self.open_files.fetch_add(1, Ordering::Relaxed);
         let key = file_key(ino, &version);
@@ -261,6 +319,7 @@ impl ReadPath {
         Arc::new(FileReader {
             key,
             readers_of_version,
+            data,
             disk,
             version,
             size,
@@ -442,6 +501,13 @@ impl ReadPath {
             file: reader.key,
             index,
         };
+        let start = index * self.config.block_size;
+        let end = (start + self.config.block_size).min(reader.size);
+        if reader.is_hole(start, end) {
+            // Unwritten: zeros, with no fetch and no tokens.
+            self.stats.hole_blocks.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Ready(zeros((end - start) as usize));
+        }
         if let Some(block) = self.cache.get(&key) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Lookup::Ready(block);

@@ -89,6 +89,7 @@ fn disk(size: u64) -> Arc<DiskEntry> {
         mtime: SystemTime::UNIX_EPOCH,
         version: Version("v1".into()),
         locator: "mock".into(),
+        allocated: None,
     })
 }
 
@@ -107,7 +108,14 @@ fn read_path(provider: Arc<MockProvider>, memory: u64) -> Arc<ReadPath> {
 }
 
 fn open(path: &Arc<ReadPath>, size: u64) -> Arc<FileReader> {
-    path.open(7, disk(size), Version("v1".into()), size, "/vm/disk".into())
+    path.open(
+        7,
+        disk(size),
+        Version("v1".into()),
+        size,
+        "/vm/disk".into(),
+        None,
+    )
 }
 
 fn expected(offset: u64, len: u64) -> Vec<u8> {
@@ -276,4 +284,51 @@ async fn a_lone_sequential_reader_frees_what_it_has_read() {
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(path.cache.bytes(), 0, "blocks behind the reader are freed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holes_read_as_zeros_without_fetching_and_seek_finds_them() {
+    let provider = MockProvider::new(Duration::from_millis(1));
+    let path = read_path(provider.clone(), 64 * MIB);
+    let size = 10 * MIB;
+    // Data in [1 MiB, 2.5 MiB) and [2.5 MiB, 3 MiB) (touching) and [8 MiB, 10 MiB).
+    let data = vec![MIB..5 * MIB / 2, 5 * MIB / 2..3 * MIB, 8 * MIB..size];
+    let reader = path.open(
+        7,
+        disk(size),
+        Version("v1".into()),
+        size,
+        "/vm/disk".into(),
+        Some(data),
+    );
+    let hole = path.read(&reader, 4 * MIB, MIB as u32).await.unwrap();
+    assert!(hole.iter().all(|&b| b == 0) && hole.len() == MIB as usize);
+    assert!(
+        provider
+            .requests
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|(offset, _)| *offset != 4 * MIB),
+        "a hole was fetched"
+    );
+    let data_block = path.read(&reader, MIB, 100).await.unwrap();
+    assert_eq!(&data_block[..], &expected(MIB, 100)[..]);
+
+    assert_eq!(reader.next_data(0), Some(MIB));
+    assert_eq!(reader.next_data(2 * MIB), Some(2 * MIB));
+    assert_eq!(reader.next_data(3 * MIB), Some(8 * MIB));
+    assert_eq!(reader.next_data(size), None);
+    assert_eq!(reader.next_hole(0), Some(0));
+    assert_eq!(
+        reader.next_hole(MIB),
+        Some(3 * MIB),
+        "touching ranges are one extent"
+    );
+    assert_eq!(
+        reader.next_hole(9 * MIB),
+        Some(size),
+        "the end of the file is a hole"
+    );
+    assert_eq!(reader.next_hole(size), None);
 }
