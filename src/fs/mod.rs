@@ -200,28 +200,25 @@ impl FsCore {
             return Err(FsError::IsDirectory);
         };
         let path = self.tree.path_of(ino);
-        let (current_size, version) = self
-            .read_path
-            .retrying(&path, "open", || self.provider.stat(disk))
-            .await
-            .map_err(|source| {
-                tracing::warn!(%path, "open failed: {source}");
-                FsError::Provider {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
-        let data = self
-            .read_path
-            .retrying(&path, "open", || self.provider.data_ranges(disk, &version))
-            .await
-            .map_err(|source| {
-                tracing::warn!(%path, "open failed: {source}");
-                FsError::Provider {
-                    path: path.clone(),
-                    source,
-                }
-            })?;
+        // Pin the version, then learn where its data is (sparse disks).
+        let pinned = async {
+            let (current_size, version) = self
+                .read_path
+                .retrying(&path, "open", || self.provider.stat(disk))
+                .await?;
+            let data = self
+                .read_path
+                .retrying(&path, "open", || self.provider.data_ranges(disk, &version))
+                .await?;
+            Ok::<_, ProviderError>((current_size, version, data))
+        };
+        let (current_size, version, data) = pinned.await.map_err(|source| {
+            tracing::warn!(%path, "open failed: {source}");
+            FsError::Provider {
+                path: path.clone(),
+                source,
+            }
+        })?;
         let listed = size.swap(current_size, Ordering::Relaxed);
         if listed != current_size {
             tracing::info!(%path, listed, current_size, "disk size changed since it was listed");
