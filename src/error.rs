@@ -3,6 +3,8 @@
 //! Handlers never pick an errno ad hoc: they return [`FsError`], which knows
 //! its errno and whether it deserves a log line.
 
+use std::sync::Arc;
+
 use crate::provider::ProviderError;
 
 #[derive(Debug, thiserror::Error)]
@@ -24,8 +26,8 @@ pub enum FsError {
     #[error("{path}: {source}")]
     Provider {
         path: String,
-        #[source]
-        source: ProviderError,
+        /// Shared: every reader waiting on one failed fetch gets it.
+        source: Arc<ProviderError>,
     },
     #[error("operation cancelled")]
     Cancelled,

@@ -40,10 +40,6 @@ pub struct Mounted {
 }
 
 impl Mounted {
-    pub fn core(&self) -> &Arc<FsCore> {
-        &self.core
-    }
-
     /// One line with the effective settings, bytes per second spelled out.
     pub fn summary(&self) -> &str {
         &self.summary

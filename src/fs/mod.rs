@@ -14,8 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use bytes::Bytes;
-
 use crate::error::FsError;
 use crate::provider::{Provider, ProviderError};
 use crate::read::{FileReader, ReadPath, Started};
@@ -80,17 +78,11 @@ pub struct StatFs {
     pub name_max: u32,
 }
 
-/// A file open for reading.
-pub struct Handle {
-    pub ino: u64,
-    pub reader: Arc<FileReader>,
-}
-
 pub struct FsCore {
     tree: Tree,
     provider: Arc<dyn Provider>,
     read_path: Arc<ReadPath>,
-    handles: RwLock<HashMap<u64, Arc<Handle>>>,
+    handles: RwLock<HashMap<u64, Arc<FileReader>>>,
     next_handle: AtomicU64,
     owner: Ownership,
 }
@@ -216,7 +208,7 @@ impl FsCore {
             tracing::warn!(%path, "open failed: {source}");
             FsError::Provider {
                 path: path.clone(),
-                source,
+                source: Arc::new(source),
             }
         })?;
         let listed = size.swap(current_size, Ordering::Relaxed);
@@ -230,11 +222,11 @@ impl FsCore {
         self.handles
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(fh, Arc::new(Handle { ino, reader }));
+            .insert(fh, reader);
         Ok(fh)
     }
 
-    pub fn handle(&self, fh: u64) -> Result<Arc<Handle>, FsError> {
+    fn reader(&self, fh: u64) -> Result<Arc<FileReader>, FsError> {
         self.handles
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -243,24 +235,19 @@ impl FsCore {
             .ok_or(FsError::BadHandle)
     }
 
-    pub async fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Bytes, FsError> {
-        let handle = self.handle(fh)?;
-        self.read_path.read(&handle.reader, offset, size).await
-    }
-
     /// Starts a read; see [`ReadPath::start`].
     pub fn start_read(&self, fh: u64, offset: u64, size: u32) -> Result<Started, FsError> {
-        let handle = self.handle(fh)?;
-        Ok(self.read_path.start(&handle.reader, offset, size))
+        let reader = self.reader(fh)?;
+        Ok(self.read_path.start(&reader, offset, size))
     }
 
     /// `lseek` with SEEK_DATA or SEEK_HOLE (the kernel does the others).
     pub fn seek(&self, fh: u64, offset: i64, whence: i32) -> Result<u64, FsError> {
-        let handle = self.handle(fh)?;
+        let reader = self.reader(fh)?;
         let offset = u64::try_from(offset).map_err(|_| FsError::InvalidArgument)?;
         let found = match whence {
-            libc::SEEK_DATA => handle.reader.next_data(offset),
-            libc::SEEK_HOLE => handle.reader.next_hole(offset),
+            libc::SEEK_DATA => reader.next_data(offset),
+            libc::SEEK_HOLE => reader.next_hole(offset),
             _ => return Err(FsError::InvalidArgument),
         };
         found.ok_or(FsError::NoMoreData)
@@ -268,21 +255,14 @@ impl FsCore {
 
     /// Closes a file: its fetches stop.
     pub fn release(&self, fh: u64) {
-        let handle = self
+        let reader = self
             .handles
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .remove(&fh);
-        if let Some(handle) = handle {
-            self.read_path.release(&handle.reader);
+        if let Some(reader) = reader {
+            self.read_path.release(&reader);
         }
-    }
-
-    pub fn open_handles(&self) -> usize {
-        self.handles
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .len()
     }
 
     pub fn statfs(&self) -> StatFs {

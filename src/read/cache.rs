@@ -39,6 +39,7 @@ impl BlockCache {
         self.lock().blocks.get(key).cloned()
     }
 
+    #[cfg(test)]
     pub fn contains(&self, key: &BlockKey) -> bool {
         self.lock().blocks.contains(key)
     }

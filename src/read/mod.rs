@@ -121,7 +121,10 @@ pub struct PendingRead {
     offset: u64,
     end: u64,
     first: u64,
-    lookups: Vec<Lookup>,
+    /// The first block's lookup, then the rest's: a read inside one block,
+    /// the common case, needs no list.
+    first_lookup: Lookup,
+    rest: Vec<Lookup>,
 }
 
 impl PendingRead {
@@ -134,32 +137,20 @@ impl PendingRead {
             offset,
             end,
             first,
-            lookups,
+            first_lookup,
+            rest,
         } = self;
-        let block_size = path.config.block_size;
-        let mut blocks = Vec::with_capacity(lookups.len());
-        for (index, lookup) in (first..).zip(lookups) {
+        let base = first * path.config.block_size;
+        let first_block = path.resolve(&reader, first, first_lookup).await?;
+        if rest.is_empty() {
+            return Ok(path.cut(std::slice::from_ref(&first_block), base, offset, end));
+        }
+        let mut blocks = Vec::with_capacity(rest.len() + 1);
+        blocks.push(first_block);
+        for (index, lookup) in (first + 1..).zip(rest) {
             blocks.push(path.resolve(&reader, index, lookup).await?);
         }
-        Ok(path.cut(&blocks, first * block_size, offset, end))
-    }
-
-    fn assemble_ready(&self) -> Option<Result<Bytes, FsError>> {
-        let blocks: Option<Vec<Bytes>> = self
-            .lookups
-            .iter()
-            .map(|lookup| match lookup {
-                Lookup::Ready(block) => Some(block.clone()),
-                Lookup::Pending(_) => None,
-            })
-            .collect();
-        let block_size = self.path.config.block_size;
-        Some(Ok(self.path.cut(
-            &blocks?,
-            self.first * block_size,
-            self.offset,
-            self.end,
-        )))
+        Ok(path.cut(&blocks, base, offset, end))
     }
 }
 
@@ -181,10 +172,6 @@ pub struct FileReader {
 }
 
 impl FileReader {
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     /// Whether `[start, end)` holds no data at all.
     fn is_hole(&self, start: u64, end: u64) -> bool {
         let Some(ranges) = &self.data else {
@@ -224,10 +211,6 @@ impl FileReader {
             at = range.end;
         }
         Some(at.min(self.size))
-    }
-
-    pub fn path(&self) -> &str {
-        &self.path
     }
 }
 
@@ -281,14 +264,6 @@ impl ReadPath {
             shutdown: CancellationToken::new(),
             stats: Stats::default(),
         })
-    }
-
-    pub fn throttle(&self) -> Option<&Arc<Throttle>> {
-        self.throttle.as_ref()
-    }
-
-    pub fn config(&self) -> &ReadConfig {
-        &self.config
     }
 
     /// Cancels every fetch of every file: the mount is going away.
@@ -404,7 +379,8 @@ impl ReadPath {
         };
 
         // Blocks asked for go to the throttle queue before read-ahead does.
-        let lookups: Vec<Lookup> = (first..=last).map(|i| self.lookup(reader, i)).collect();
+        let first_lookup = self.lookup(reader, first);
+        let rest: Vec<Lookup> = (first + 1..=last).map(|i| self.lookup(reader, i)).collect();
         // Drop-behind: a block this reader has now read through is freed
         // (this read holds its own reference), unless another open file
         // reads the same disk and may still want it.
@@ -421,26 +397,33 @@ impl ReadPath {
                 drop(fetch); // runs on in its task
             }
         }
-        let pending = PendingRead {
+
+        // Every block cached: the data is ready without waiting.
+        let base = first * block_size;
+        if let Lookup::Ready(block) = &first_lookup {
+            if rest.is_empty() {
+                return Started::Ready(self.cut(std::slice::from_ref(block), base, offset, end));
+            }
+            if rest.iter().all(|lookup| matches!(lookup, Lookup::Ready(_))) {
+                let blocks: Vec<Bytes> = std::iter::once(block)
+                    .chain(rest.iter().filter_map(|lookup| match lookup {
+                        Lookup::Ready(block) => Some(block),
+                        Lookup::Pending(_) => None,
+                    }))
+                    .cloned()
+                    .collect();
+                return Started::Ready(self.cut(&blocks, base, offset, end));
+            }
+        }
+        Started::Pending(PendingRead {
             path: Arc::clone(self),
             reader: Arc::clone(reader),
             offset,
             end,
             first,
-            lookups,
-        };
-        if pending
-            .lookups
-            .iter()
-            .all(|lookup| matches!(lookup, Lookup::Ready(_)))
-        {
-            // Every block is cached: assembling cannot wait.
-            if let Some(Ok(data)) = pending.assemble_ready() {
-                return Started::Ready(data);
-            }
-            unreachable!("ready blocks assemble without waiting");
-        }
-        Started::Pending(pending)
+            first_lookup,
+            rest,
+        })
     }
 
     /// `[offset, end)` out of consecutive blocks starting at `base`.
@@ -484,10 +467,10 @@ impl ReadPath {
                     lookup = self.lookup(reader, index);
                 }
                 Err(FetchError::Cancelled) => return Err(FsError::Cancelled),
-                Err(FetchError::Failed(err)) => {
+                Err(FetchError::Failed(source)) => {
                     return Err(FsError::Provider {
                         path: reader.path.clone(),
-                        source: clone_error(&err),
+                        source,
                     })
                 }
             }
@@ -637,22 +620,6 @@ fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     let mixed = u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11;
     let fraction = (mixed % 1_000_001) as f64 / 1_000_000.0;
     ceiling.mul_f64(fraction)
-}
-
-/// Provider errors are shared by every waiter of a fetch; each waiter gets
-/// its own copy for its own error chain.
-fn clone_error(err: &ProviderError) -> ProviderError {
-    match err {
-        ProviderError::Changed { pinned } => ProviderError::Changed {
-            pinned: pinned.clone(),
-        },
-        ProviderError::NotFound(s) => ProviderError::NotFound(s.clone()),
-        ProviderError::Denied(s) => ProviderError::Denied(s.clone()),
-        ProviderError::Unreachable(s) => ProviderError::Unreachable(s.clone()),
-        ProviderError::Protocol(s) => ProviderError::Protocol(s.clone()),
-        ProviderError::Io(e) => ProviderError::Io(std::io::Error::new(e.kind(), e.to_string())),
-        ProviderError::Config(s) => ProviderError::Config(s.clone()),
-    }
 }
 
 #[cfg(test)]

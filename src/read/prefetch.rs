@@ -96,6 +96,7 @@ impl Sequential {
         done
     }
 
+    #[cfg(test)]
     pub fn window(&self) -> u64 {
         self.window
     }

@@ -17,7 +17,6 @@
 //! holds one charge of each, and they are served round-robin.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -51,7 +50,6 @@ pub struct Throttle {
     burst_cells: u32,
     rate: u64,
     burst: u64,
-    waited_nanos: AtomicU64,
 }
 
 impl Throttle {
@@ -70,7 +68,6 @@ impl Throttle {
             burst_cells,
             rate,
             burst: u64::from(burst_cells) * CELL,
-            waited_nanos: AtomicU64::new(0),
         }
     }
 
@@ -82,16 +79,10 @@ impl Throttle {
         self.burst
     }
 
-    /// Total time fetches spent waiting for tokens.
-    pub fn waited(&self) -> Duration {
-        Duration::from_nanos(self.waited_nanos.load(Ordering::Relaxed))
-    }
-
     /// Waits until `bytes` may be fetched. Cancel-safe: dropping the future
     /// gives up the place in the queue; pieces already taken stay spent.
     pub async fn acquire(&self, flow: &Flow, bytes: u64) {
         let _turn = flow.turn.lock().await;
-        let started = std::time::Instant::now();
         let mut remaining = bytes;
         while remaining > 0 {
             let mut carry = self.carry.lock().await;
@@ -108,14 +99,13 @@ impl Throttle {
             drop(carry);
             remaining -= piece;
         }
-        self.waited_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     use std::time::Instant;
 
