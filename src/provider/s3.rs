@@ -18,7 +18,10 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use bytes::Bytes;
 
-use super::{DiskEntry, Inventory, Provider, ProviderError, Version};
+use super::{
+    bucket_and_prefix, causes, place_key, DiskEntry, Inventory, KeyPlace, Provider, ProviderError,
+    Version,
+};
 use crate::options::MountOptions;
 
 const ETAG_PREFIX: &str = "etag:";
@@ -35,8 +38,7 @@ pub struct S3Provider {
 
 /// Splits `s3://bucket/some/prefix` into ("bucket", "some/prefix/").
 fn parse_source(source: &str) -> Result<(String, String), ProviderError> {
-    let rest = source.strip_prefix("s3://").unwrap_or(source);
-    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let (bucket, prefix) = bucket_and_prefix(source, "s3");
     let valid_bucket = (3..=63).contains(&bucket.len())
         && bucket.bytes().all(|b| {
             b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_'
@@ -46,12 +48,6 @@ fn parse_source(source: &str) -> Result<(String, String), ProviderError> {
             "'{source}' does not name a bucket: expected s3://BUCKET[/PREFIX] with a 3-63 character bucket name"
         )));
     }
-    let prefix = prefix.trim_matches('/');
-    let prefix = if prefix.is_empty() {
-        String::new()
-    } else {
-        format!("{prefix}/")
-    };
     Ok((bucket.to_string(), prefix))
 }
 
@@ -135,21 +131,6 @@ where
     }
 }
 
-/// "dispatch failure: io error: ...: Connection refused (os error 111)":
-/// each cause's own message once, without the SDK's debug dump.
-fn causes(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![err.to_string()];
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.iter().any(|part| part.contains(&text)) {
-            parts.push(text);
-        }
-        source = cause.source();
-    }
-    parts.join(": ")
-}
-
 fn to_system_time(time: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
     time.and_then(|t| SystemTime::try_from(*t).ok())
         .unwrap_or(SystemTime::UNIX_EPOCH)
@@ -171,21 +152,17 @@ impl Provider for S3Provider {
             let page = page.map_err(|err| map_error(&listing, err, None))?;
             for object in page.contents() {
                 let Some(key) = object.key() else { continue };
-                let Some(relative) = key.strip_prefix(&self.prefix) else {
-                    continue;
+                let path = match place_key(&self.prefix, key) {
+                    KeyPlace::Outside => continue,
+                    KeyPlace::Folder(path) => {
+                        inventory.empty_dirs.push(path);
+                        continue;
+                    }
+                    KeyPlace::Object(path) => path,
                 };
-                if relative.is_empty() {
-                    continue;
-                }
-                if let Some(folder) = relative.strip_suffix('/') {
-                    inventory
-                        .empty_dirs
-                        .push(folder.split('/').map(str::to_string).collect());
-                    continue;
-                }
                 let size = object.size().unwrap_or(0).max(0) as u64;
                 inventory.disks.push(DiskEntry {
-                    path: relative.split('/').map(str::to_string).collect(),
+                    path,
                     size,
                     mtime: to_system_time(object.last_modified()),
                     version: Version(format!("{ETAG_PREFIX}{}", object.e_tag().unwrap_or(""))),

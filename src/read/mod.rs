@@ -181,6 +181,23 @@ impl FileReader {
         ranges.get(first).is_none_or(|range| range.start >= end)
     }
 
+    /// The part of `[start, end)` from its first data byte to its last;
+    /// the whole of it when the provider gave no data ranges.
+    fn data_span(&self, start: u64, end: u64) -> Range<u64> {
+        let Some(ranges) = &self.data else {
+            return start..end;
+        };
+        let first = ranges.partition_point(|range| range.end <= start);
+        let last = ranges.partition_point(|range| range.start < end);
+        match (
+            ranges.get(first),
+            last.checked_sub(1).and_then(|i| ranges.get(i)),
+        ) {
+            (Some(a), Some(b)) if first < last => a.start.max(start)..b.end.min(end),
+            _ => start..start,
+        }
+    }
+
     /// SEEK_DATA: the first offset ≥ `offset` that holds data.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
         if offset >= self.size {
@@ -536,7 +553,11 @@ impl ReadPath {
 
     async fn fetch_block(&self, reader: &FileReader, index: u64) -> Result<Bytes, FetchError> {
         let offset = index * self.config.block_size;
-        let len = self.config.block_size.min(reader.size - offset);
+        let block_len = self.config.block_size.min(reader.size - offset);
+        // A block that is partly hole: only its data span is fetched and
+        // charged; the rest is zeros.
+        let span = reader.data_span(offset, offset + block_len);
+        let len = span.end - span.start;
         let _slot = self
             .fetch_slots
             .acquire()
@@ -548,25 +569,32 @@ impl ReadPath {
                     throttle.acquire(&reader.flow, len).await;
                 }
                 self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-                let block = self
+                let data = self
                     .provider
-                    .read(&reader.disk, &reader.version, offset, len as usize)
+                    .read(&reader.disk, &reader.version, span.start, len as usize)
                     .await?;
-                if block.len() as u64 != len {
+                if data.len() as u64 != len {
                     return Err(ProviderError::Protocol(format!(
-                        "asked for {len} bytes at {offset}, got {}",
-                        block.len()
+                        "asked for {len} bytes at {}, got {}",
+                        span.start,
+                        data.len()
                     )));
                 }
-                Ok(block)
+                Ok(data)
             })
             .await;
         match result {
-            Ok(block) => {
+            Ok(data) => {
                 self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
-                Ok(block)
+                if len == block_len {
+                    return Ok(data);
+                }
+                let mut block = vec![0u8; block_len as usize];
+                let at = (span.start - offset) as usize;
+                block[at..at + data.len()].copy_from_slice(&data);
+                Ok(Bytes::from(block))
             }
-            Err(err) => Err(self.failed(reader, offset, len, err)),
+            Err(err) => Err(self.failed(reader, span.start, len, err)),
         }
     }
 

@@ -314,6 +314,14 @@ async fn holes_read_as_zeros_without_fetching_and_seek_finds_them() {
     );
     let data_block = path.read(&reader, MIB, 100).await.unwrap();
     assert_eq!(&data_block[..], &expected(MIB, 100)[..]);
+    // Block 0 is half hole: only its data half is fetched; the rest is zeros.
+    let block_start = path.read(&reader, 0, 100).await.unwrap();
+    assert!(block_start.iter().all(|&b| b == 0));
+    let requests = provider.requests.lock().unwrap().clone();
+    assert!(
+        requests.contains(&(MIB, MIB as usize)) && !requests.iter().any(|(offset, _)| *offset == 0),
+        "block 0 fetched beyond its data: {requests:?}"
+    );
 
     assert_eq!(reader.next_data(0), Some(MIB));
     assert_eq!(reader.next_data(2 * MIB), Some(2 * MIB));

@@ -39,6 +39,8 @@ pub struct FaultProxy {
     pub port: u16,
     plan: Arc<Mutex<Plan>>,
     pub requests: Arc<AtomicU64>,
+    /// Each request's head (request line and headers), in arrival order.
+    pub heads: Arc<Mutex<Vec<String>>>,
     pub faults_injected: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
@@ -49,11 +51,13 @@ impl FaultProxy {
         let port = listener.local_addr().unwrap().port();
         let plan = Arc::new(Mutex::new(Plan::PassThrough));
         let requests = Arc::new(AtomicU64::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
         let faults_injected = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (p, r, f, s) = (
+        let (p, r, h, f, s) = (
             plan.clone(),
             requests.clone(),
+            heads.clone(),
             faults_injected.clone(),
             stop.clone(),
         );
@@ -63,9 +67,9 @@ impl FaultProxy {
                     break;
                 }
                 let Ok(client) = client else { continue };
-                let (p, r, f) = (p.clone(), r.clone(), f.clone());
+                let (p, r, h, f) = (p.clone(), r.clone(), h.clone(), f.clone());
                 std::thread::spawn(move || {
-                    let _ = handle(client, upstream_port, &p, &r, &f);
+                    let _ = handle(client, upstream_port, &p, &r, &h, &f);
                 });
             }
         });
@@ -73,6 +77,7 @@ impl FaultProxy {
             port,
             plan,
             requests,
+            heads,
             faults_injected,
             stop,
         }
@@ -111,9 +116,14 @@ fn handle(
     upstream_port: u16,
     plan: &Mutex<Plan>,
     requests: &AtomicU64,
+    heads: &Mutex<Vec<String>>,
     faults_injected: &AtomicU64,
 ) -> std::io::Result<()> {
     let head = read_head(&mut client)?;
+    heads
+        .lock()
+        .unwrap()
+        .push(String::from_utf8_lossy(&head).into_owned());
     let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
     let fault = match &*plan.lock().unwrap() {
         Plan::PassThrough => None,
@@ -176,4 +186,62 @@ fn handle(
         }
         _ => client.write_all(&answer),
     }
+}
+
+/// Every kind of transient fault, in turn.
+pub const EVERY_KIND: [Fault; 5] = [
+    Fault::Drop,
+    Fault::Status(503),
+    Fault::Status(500),
+    Fault::CutBody,
+    Fault::Stall,
+];
+
+/// `cp` of `file` while every `every`-th request through `proxy` meets a
+/// fault: the copy must equal `original`.
+pub fn assert_copy_survives_faults(
+    proxy: &FaultProxy,
+    every: u64,
+    file: &std::path::Path,
+    original: &[u8],
+) {
+    proxy.set(Plan::Every {
+        every,
+        faults: EVERY_KIND.to_vec(),
+    });
+    let out = tempfile::tempdir().unwrap();
+    super::sh(&format!(
+        "cp '{}' '{}/'",
+        file.display(),
+        out.path().display()
+    ));
+    let copy = std::fs::read(out.path().join(file.file_name().unwrap())).unwrap();
+    assert!(copy == original, "{file:?} differs from the source");
+    let injected = proxy.faults_injected.load(Ordering::SeqCst);
+    assert!(injected >= 5, "only {injected} faults injected");
+    proxy.set(Plan::PassThrough);
+}
+
+/// With every request failing 503, a read of `file` at `offset` is EIO
+/// within a bounded time, not a hang; returns how long it took.
+pub fn assert_permanent_fault_is_eio(
+    proxy: &FaultProxy,
+    file: &std::path::Path,
+    offset: u64,
+) -> std::time::Duration {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(file).unwrap();
+    proxy.set(Plan::Always(Fault::Status(503)));
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let err = file
+        .read_exact_at(&mut buf, offset)
+        .expect_err("every request fails");
+    let elapsed = started.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(
+        elapsed < std::time::Duration::from_secs(60),
+        "gave up only after {elapsed:?}"
+    );
+    elapsed
 }

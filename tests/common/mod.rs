@@ -2,7 +2,14 @@
 //! real stand-in servers, and guards that clean up even when a test fails.
 #![allow(dead_code)]
 
+pub mod azurite;
+pub mod fake_gcs;
 pub mod faults;
+
+#[allow(unused_imports)]
+pub use azurite::Azurite;
+#[allow(unused_imports)]
+pub use fake_gcs::FakeGcs;
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -436,4 +443,139 @@ pub fn timed_read(path: &Path) -> (u64, f64) {
         total += n as u64;
     }
     (total, started.elapsed().as_secs_f64())
+}
+
+/// `base` with `extra` options appended when there are any.
+pub fn with_options(base: String, extra: &str) -> String {
+    if extra.is_empty() {
+        base
+    } else {
+        format!("{base},{extra}")
+    }
+}
+
+/// `find` of the whole mount, one "path size" line each, sorted.
+pub fn listing_with_sizes(mount: &Mount) -> Vec<String> {
+    sh(&format!(
+        "cd '{}' && find . -printf '%p %s\\n' | sort",
+        mount.path.display()
+    ))
+    .lines()
+    .map(str::to_string)
+    .collect()
+}
+
+/// `rsync -a` of the whole mount; each (key, bytes) under `prefix` must
+/// come out byte-identical.
+pub fn assert_rsync_copies(mount: &Mount, prefix: &str, objects: &[(&str, Vec<u8>)]) {
+    require_tool("rsync");
+    let out = tempfile::tempdir().unwrap();
+    sh(&format!(
+        "rsync -a '{}/' '{}/'",
+        mount.path.display(),
+        out.path().display()
+    ));
+    for (key, bytes) in objects {
+        let relative = key.strip_prefix(prefix).unwrap();
+        let copy = std::fs::read(out.path().join(relative)).unwrap();
+        assert!(&copy == bytes, "{relative} differs after rsync");
+    }
+}
+
+/// A mount that must fail with one line containing `expected`.
+pub fn assert_mount_fails(source: &str, options: &str, env: &[(&str, &str)], expected: &str) {
+    let err = Mount::try_new_with_env(source, options, env)
+        .err()
+        .unwrap_or_else(|| panic!("{source} mounted"));
+    assert_eq!(err.trim_end().lines().count(), 1, "{source}: {err}");
+    assert!(
+        err.to_lowercase().contains(&expected.to_lowercase()),
+        "{source} {options}: {err}"
+    );
+}
+
+/// Runs a future on a small runtime of its own (fixtures seeding stand-ins).
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+/// The objects every object-store test seeds under `exports/`: nested
+/// prefixes, a space, unicode, characters that need escaping, a zero-byte
+/// object, a multi-block object, a folder marker, and one key outside the
+/// mounted prefix.
+pub fn object_store_fixture() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        (
+            "exports/web-01/disk 0.vmdk",
+            random_bytes(20 * MIB as usize + 12345, 1),
+        ),
+        ("exports/web-01/ünïcødé.vhd", random_bytes(70_000, 2)),
+        (
+            "exports/db/nested/deep/a+b%20c#?&=.raw",
+            random_bytes(3 * MIB as usize, 3),
+        ),
+        ("exports/empty.raw", Vec::new()),
+        ("exports/folder-marker/", Vec::new()),
+        ("elsewhere/not-mounted.raw", random_bytes(10, 4)),
+    ]
+}
+
+/// What `listing_with_sizes` shows for [`object_store_fixture`] mounted at
+/// `exports/`, plus `extra` lines.
+pub fn object_store_listing(extra: &[&str]) -> Vec<String> {
+    let mut lines: Vec<String> = [
+        ". 0",
+        "./db 0",
+        "./db/nested 0",
+        "./db/nested/deep 0",
+        "./db/nested/deep/a+b%20c#?&=.raw 3145728",
+        "./empty.raw 0",
+        "./folder-marker 0",
+        "./web-01 0",
+        "./web-01/disk 0.vmdk 20983865",
+        "./web-01/ünïcødé.vhd 70000",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|line| line.to_string())
+    .collect();
+    lines.sort();
+    lines
+}
+
+/// Reads all of `file` and checks the rate achieved is `rate_mib` MiB/s
+/// within ±5%.
+pub fn assert_rate_holds(label: &str, file: &Path, size: u64, rate_mib: u64) {
+    let (bytes, seconds) = timed_read(file);
+    assert_eq!(bytes, size);
+    let achieved = bytes as f64 / seconds;
+    let target = (rate_mib * MIB) as f64;
+    eprintln!(
+        "measured: {label} rate={rate_mib}M: {achieved:.0} B/s = {:.2}%",
+        achieved / target * 100.0
+    );
+    assert!(
+        (achieved / target - 1.0).abs() <= 0.05,
+        "{achieved:.0} B/s vs {target:.0}"
+    );
+}
+
+/// After the disk behind `file` changed, a read at `offset` is EIO and the
+/// log names the file.
+pub fn assert_changed_read_is_eio(mount: &Mount, file: &std::fs::File, name: &str, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 4096];
+    let err = file
+        .read_exact_at(&mut buf, offset)
+        .expect_err("read after overwrite");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = mount.log_text();
+    assert!(
+        log.contains(&format!("/{name}")) && log.contains("changed since it was opened"),
+        "{log}"
+    );
 }
