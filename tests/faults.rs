@@ -13,12 +13,12 @@ use common::*;
 
 #[test]
 fn http_copies_survive_every_kind_of_transient_fault() {
-    let (www, nginx) = serve_one_disk(30 * MIB, 11);
+    let (www, nginx) = serve_one_disk(40 * MIB, 11);
     let proxy = FaultProxy::start(nginx.port);
     let mount = Mount::new(&format!("{}/manifest.json", proxy.url()), "stall_timeout=2");
     assert_copy_survives_faults(
         &proxy,
-        3,
+        2,
         &mount.file("vm/disk.raw"),
         &std::fs::read(www.path().join("disk.raw")).unwrap(),
     );

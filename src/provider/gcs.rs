@@ -117,6 +117,13 @@ fn generation_of(version: &Version) -> Option<i64> {
 impl GcsProvider {
     pub async fn new(source: &str, options: &MountOptions) -> Result<Self, ProviderError> {
         let (bucket, prefix) = parse_source(source)?;
+        if options.cafile.is_some() || options.insecure {
+            // The crate's transport trusts the system roots only; honouring
+            // the option for the listing alone would be worse than refusing.
+            return Err(ProviderError::Config(
+                "cafile= and insecure are not supported for gs:// (google-cloud-storage uses the system roots)".into(),
+            ));
+        }
         let credentials = if options.anonymous {
             credentials::anonymous::Builder::new().build()
         } else {

@@ -72,6 +72,14 @@ impl S3Provider {
         if options.anonymous {
             loader = loader.no_credentials();
         }
+        if options.insecure {
+            return Err(ProviderError::Config(
+                "insecure is not supported for s3:// (the AWS SDK always verifies TLS): give the endpoint's CA with cafile=".into(),
+            ));
+        }
+        if let Some(cafile) = &options.cafile {
+            loader = loader.http_client(https_client_trusting(cafile)?);
+        }
         let shared = loader.load().await;
         let mut config = aws_sdk_s3::config::Builder::from(&shared);
         if shared.region().is_none() {
@@ -93,6 +101,28 @@ impl S3Provider {
     fn object(&self, key: &str) -> String {
         format!("s3://{}/{key}", self.bucket)
     }
+}
+
+/// The SDK's HTTPS client, trusting the system roots and the CAs in
+/// `cafile` (a private S3-compatible store).
+fn https_client_trusting(
+    cafile: &std::path::Path,
+) -> Result<aws_smithy_runtime_api::client::http::SharedHttpClient, ProviderError> {
+    use aws_smithy_http_client::tls::{self, TlsContext, TrustStore};
+    let bad = |err: &dyn std::fmt::Display| {
+        ProviderError::Config(format!("cafile {}: {err}", cafile.display()))
+    };
+    let pem = std::fs::read(cafile).map_err(|err| bad(&err))?;
+    let context = TlsContext::builder()
+        .with_trust_store(TrustStore::default().with_pem_certificate(pem))
+        .build()
+        .map_err(|err| bad(&err))?;
+    Ok(aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
+        .tls_context(context)
+        .build_https())
 }
 
 /// SDK errors → provider errors, by what a caller can do about them.

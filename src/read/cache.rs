@@ -39,7 +39,7 @@ impl BlockCache {
         self.lock().blocks.get(key).cloned()
     }
 
-    #[cfg(test)]
+    /// Without touching its place in the LRU order.
     pub fn contains(&self, key: &BlockKey) -> bool {
         self.lock().blocks.contains(key)
     }

@@ -51,6 +51,10 @@ pub struct ReadConfig {
     /// Read-ahead ceiling per file: past a few dozen MiB more overlap buys
     /// nothing on any link we have measured, it only holds memory.
     pub max_window: u64,
+    /// Read-ahead of a sequential reader goes out in requests of up to this
+    /// size (whole blocks): object stores pay a fixed cost per request
+    /// (Azurite measured 54 MiB/s with 2 MiB requests, 266 with 32 MiB).
+    pub max_request: u64,
     /// Retries of a transient provider fault before the read fails.
     pub max_retries: u32,
     /// First backoff; doubles per retry, capped at `max_backoff`.
@@ -64,6 +68,7 @@ impl Default for ReadConfig {
             block_size: 2 << 20,
             memory: crate::options::DEFAULT_CACHE,
             max_window: 32 << 20,
+            max_request: 16 << 20,
             max_retries: 6,
             base_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
@@ -83,6 +88,13 @@ pub struct Stats {
     pub retries: AtomicU64,
     /// Blocks served as zeros from a hole, never fetched.
     pub hole_blocks: AtomicU64,
+}
+
+/// Block `i` of a span fetched from a block boundary (a slice, no copy).
+fn block_of(span: &Bytes, i: u64, block_size: u64) -> Bytes {
+    let start = ((i * block_size) as usize).min(span.len());
+    let end = (((i + 1) * block_size) as usize).min(span.len());
+    span.slice(start..end)
 }
 
 /// Shared zeros for blocks in holes (in .bss: no memory until read).
@@ -377,6 +389,9 @@ impl ReadPath {
         let end = (offset + u64::from(size)).min(reader.size);
         let first = offset / block_size;
         let last = (end - 1) / block_size;
+        let max_window = self.max_window();
+        // Half the window per request keeps two requests overlapping.
+        let run_blocks = (self.config.max_request.min(max_window / 2) / block_size).max(1);
         let (ahead, done) = {
             let file_blocks = reader.size.div_ceil(block_size);
             let mut sequential = reader
@@ -388,8 +403,9 @@ impl ReadPath {
                     offset,
                     end - offset,
                     block_size,
-                    self.max_window(),
+                    max_window,
                     file_blocks,
+                    run_blocks,
                 ),
                 sequential.on_served(offset, end - offset, block_size, reader.size),
             )
@@ -409,10 +425,11 @@ impl ReadPath {
                 });
             }
         }
-        for index in ahead {
-            if let Lookup::Pending(fetch) = self.lookup(reader, index) {
-                drop(fetch); // runs on in its task
-            }
+        let mut run_start = ahead.start;
+        while run_start < ahead.end {
+            let run_end = (run_start + run_blocks).min(ahead.end);
+            self.prefetch(reader, run_start..run_end);
+            run_start = run_end;
         }
 
         // Every block cached: the data is ready without waiting.
@@ -525,42 +542,124 @@ impl ReadPath {
             return Lookup::Ready(block);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        let fetch = self.start_fetch(&mut inflight, reader, index, 1);
+        Lookup::Pending(fetch.into_iter().next().expect("one block"))
+    }
+
+    /// Read-ahead of `blocks`: the ones neither cached, nor being fetched,
+    /// nor holes are fetched, each consecutive stretch in one request.
+    fn prefetch(self: &Arc<Self>, reader: &Arc<FileReader>, blocks: Range<u64>) {
+        let block_size = self.config.block_size;
+        let mut inflight = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut stretch: Option<u64> = None;
+        for index in blocks.start..=blocks.end {
+            let missing = index < blocks.end && {
+                let key = BlockKey {
+                    file: reader.key,
+                    index,
+                };
+                let start = index * block_size;
+                let end = (start + block_size).min(reader.size);
+                !reader.is_hole(start, end)
+                    && !inflight.contains_key(&key)
+                    && !self.cache.contains(&key)
+            };
+            match (missing, stretch) {
+                (true, None) => stretch = Some(index),
+                (false, Some(first)) => {
+                    self.stats
+                        .cache_misses
+                        .fetch_add(index - first, Ordering::Relaxed);
+                    // The fetches run on in their task.
+                    drop(self.start_fetch(&mut inflight, reader, first, index - first));
+                    stretch = None;
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Starts one fetch of `count` blocks from `first` and registers each
+    /// block's share of it as in flight (under the caller's lock, so that
+    /// the task's own removal always comes after the insertion).
+    fn start_fetch(
+        self: &Arc<Self>,
+        inflight: &mut HashMap<BlockKey, SharedFetch>,
+        reader: &Arc<FileReader>,
+        first: u64,
+        count: u64,
+    ) -> Vec<SharedFetch> {
         let this = Arc::clone(self);
         let owner = Arc::clone(reader);
-        // Spawned while the map is locked, so the task's own removal from
-        // the map always comes after its insertion.
+        let block_size = self.config.block_size;
+        let file = reader.key;
+        let key = move |index| BlockKey { file, index };
         let task = tokio::spawn(async move {
             let result = tokio::select! {
                 biased;
                 _ = owner.cancel.cancelled() => Err(FetchError::Cancelled),
-                result = this.fetch_block(&owner, index) => result,
+                result = this.fetch_span(&owner, first, count) => result,
             };
-            if let Ok(block) = &result {
-                this.cache.insert(key, block.clone());
+            if let Ok(span) = &result {
+                for i in 0..count {
+                    this.cache
+                        .insert(key(first + i), block_of(span, i, block_size));
+                }
             }
-            this.inflight
+            let mut inflight = this
+                .inflight
                 .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .remove(&key);
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for i in 0..count {
+                inflight.remove(&key(first + i));
+            }
             result
         });
-        let fetch = async move { task.await.unwrap_or(Err(FetchError::Cancelled)) }
-            .boxed()
-            .shared();
-        inflight.insert(key, fetch.clone());
-        Lookup::Pending(fetch)
+        let whole = async move { task.await.unwrap_or(Err(FetchError::Cancelled)) }.boxed();
+        if count == 1 {
+            let fetch = whole.shared();
+            inflight.insert(BlockKey { file, index: first }, fetch.clone());
+            return vec![fetch];
+        }
+        let whole = whole.shared();
+        (0..count)
+            .map(|i| {
+                let fetch = whole
+                    .clone()
+                    .map(move |result| result.map(|span| block_of(&span, i, block_size)))
+                    .boxed()
+                    .shared();
+                inflight.insert(
+                    BlockKey {
+                        file,
+                        index: first + i,
+                    },
+                    fetch.clone(),
+                );
+                fetch
+            })
+            .collect()
     }
 
-    async fn fetch_block(&self, reader: &FileReader, index: u64) -> Result<Bytes, FetchError> {
-        let offset = index * self.config.block_size;
-        let block_len = self.config.block_size.min(reader.size - offset);
-        // A block that is partly hole: only its data span is fetched and
-        // charged; the rest is zeros.
+    /// `count` blocks from `first`, in one provider request.
+    async fn fetch_span(
+        &self,
+        reader: &FileReader,
+        first: u64,
+        count: u64,
+    ) -> Result<Bytes, FetchError> {
+        let offset = first * self.config.block_size;
+        let block_len = (count * self.config.block_size).min(reader.size - offset);
+        // A span that is partly hole: only from its first data byte to its
+        // last is fetched and charged; the rest is zeros.
         let span = reader.data_span(offset, offset + block_len);
         let len = span.end - span.start;
-        let _slot = self
+        let _slots = self
             .fetch_slots
-            .acquire()
+            .acquire_many(count as u32)
             .await
             .map_err(|_| FetchError::Cancelled)?;
         let result = self

@@ -38,6 +38,7 @@ impl Sequential {
         block_size: u64,
         max_window: u64,
         file_blocks: u64,
+        max_run_blocks: u64,
     ) -> Range<u64> {
         let slack = self.window.max(REORDER_BLOCKS * block_size);
         let sequential = offset.abs_diff(self.next_offset) <= slack;
@@ -58,6 +59,14 @@ impl Sequential {
         let last_block = end.saturating_sub(1) / block_size;
         let target = (last_block + 1 + self.window / block_size).min(file_blocks);
         let from = self.issued_until.max(last_block + 1);
+        // Read-ahead goes out in whole runs (few large requests) while
+        // earlier ones are still ahead of the reader; a short run only when
+        // nothing is ahead or at the end of the file.
+        let ahead_in_flight = from > last_block + 1;
+        let run_blocks = max_run_blocks.min(self.window / block_size / 2).max(1);
+        if ahead_in_flight && target < file_blocks && target.saturating_sub(from) < run_blocks {
+            return from..from;
+        }
         self.issued_until = self.issued_until.max(target);
         from..target.max(from)
     }
@@ -109,11 +118,33 @@ mod tests {
     const B: u64 = 1 << 20;
 
     #[test]
+    fn read_ahead_goes_out_in_whole_runs_while_some_is_ahead() {
+        let mut seq = Sequential::default();
+        let mut issued = Vec::new();
+        for i in 0..200 {
+            let ahead = seq.on_read(i * B, B, B, 16 * B, 210, 4);
+            if !ahead.is_empty() {
+                issued.push(ahead);
+            }
+        }
+        // Past the ramp-up (window below 8 blocks) and before the end of
+        // the file, every batch is at least a run of 4 blocks; none
+        // repeats a block.
+        for batch in issued.iter().filter(|r| r.start > 16 && r.end < 210) {
+            assert!(batch.end - batch.start >= 4, "{issued:?}");
+        }
+        for pair in issued.windows(2) {
+            assert!(pair[0].end <= pair[1].start, "{issued:?}");
+        }
+        assert_eq!(issued.last().unwrap().end, 210);
+    }
+
+    #[test]
     fn window_grows_while_sequential_and_never_repeats_blocks() {
         let mut seq = Sequential::default();
         let mut asked = Vec::new();
         for i in 0..8 {
-            asked.extend(seq.on_read(i * B, B, B, 16 * B, 1000));
+            asked.extend(seq.on_read(i * B, B, B, 16 * B, 1000, 1));
         }
         assert_eq!(seq.window(), 16 * B);
         let mut sorted = asked.clone();
@@ -126,18 +157,18 @@ mod tests {
     #[test]
     fn random_reads_fetch_nothing_ahead() {
         let mut seq = Sequential::default();
-        seq.on_read(0, B, B, 16 * B, 1000);
-        assert!(seq.on_read(500 * B, 4096, B, 16 * B, 1000).is_empty());
-        assert!(seq.on_read(100 * B, 4096, B, 16 * B, 1000).is_empty());
+        seq.on_read(0, B, B, 16 * B, 1000, 1);
+        assert!(seq.on_read(500 * B, 4096, B, 16 * B, 1000, 1).is_empty());
+        assert!(seq.on_read(100 * B, 4096, B, 16 * B, 1000, 1).is_empty());
         assert_eq!(seq.window(), 0);
     }
 
     #[test]
     fn slightly_reordered_reads_stay_sequential() {
         let mut seq = Sequential::default();
-        seq.on_read(0, B, B, 8 * B, 1000);
-        seq.on_read(2 * B, B, B, 8 * B, 1000);
-        seq.on_read(B, B, B, 8 * B, 1000);
+        seq.on_read(0, B, B, 8 * B, 1000, 1);
+        seq.on_read(2 * B, B, B, 8 * B, 1000, 1);
+        seq.on_read(B, B, B, 8 * B, 1000, 1);
         assert!(seq.window() >= 4 * B);
     }
 
@@ -167,7 +198,7 @@ mod tests {
     fn never_past_the_end_of_the_file() {
         let mut seq = Sequential::default();
         for i in 0..5 {
-            let ahead = seq.on_read(i * B, B, B, 64 * B, 6);
+            let ahead = seq.on_read(i * B, B, B, 64 * B, 6, 1);
             assert!(ahead.end <= 6);
         }
     }

@@ -169,7 +169,7 @@ async fn sequential_reads_overlap_fetches_and_return_the_right_bytes() {
     let elapsed = started.elapsed();
     // 41 blocks one after another would take 41 × 20 ms.
     assert!(
-        provider.max_in_flight.load(Ordering::SeqCst) >= 4,
+        provider.max_in_flight.load(Ordering::SeqCst) >= 2,
         "read-ahead overlapped only {} fetches",
         provider.max_in_flight.load(Ordering::SeqCst)
     );
@@ -177,7 +177,19 @@ async fn sequential_reads_overlap_fetches_and_return_the_right_bytes() {
         elapsed < Duration::from_millis(41 * 20 / 2),
         "took {elapsed:?}"
     );
-    assert_eq!(provider.request_count(), 41, "every block fetched once");
+    // Every byte fetched once, read-ahead in multi-block requests.
+    let mut requests = provider.requests.lock().unwrap().clone();
+    requests.sort();
+    let mut next = 0;
+    for (offset, len) in &requests {
+        assert_eq!(*offset, next, "gap or overlap: {requests:?}");
+        next += *len as u64;
+    }
+    assert_eq!(next, size);
+    assert!(
+        requests.len() <= 12 && requests.iter().any(|(_, len)| *len as u64 >= 8 * MIB),
+        "read-ahead not coalesced: {requests:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 pub mod azurite;
 pub mod fake_gcs;
 pub mod faults;
+pub mod tls;
 
 #[allow(unused_imports)]
 pub use azurite::Azurite;
@@ -310,18 +311,7 @@ impl Nginx {
              }}\n",
             root.display()
         );
-        let conf = dir.path().join("nginx.conf");
-        std::fs::write(&conf, config).unwrap();
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(&conf)
-            .arg("-p")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting nginx");
-        wait_for_port(port);
+        let child = spawn_nginx(dir.path(), &config, port);
         Nginx {
             dir,
             child,
@@ -578,4 +568,21 @@ pub fn assert_changed_read_is_eio(mount: &Mount, file: &std::fs::File, name: &st
         log.contains(&format!("/{name}")) && log.contains("changed since it was opened"),
         "{log}"
     );
+}
+
+/// Starts nginx with `config` written into `dir`, and waits for `port`.
+pub fn spawn_nginx(dir: &Path, config: &str, port: u16) -> Child {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(&conf, config).unwrap();
+    let child = Command::new("nginx")
+        .arg("-c")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting nginx");
+    wait_for_port(port);
+    child
 }
