@@ -31,7 +31,7 @@ cleanup() {
     done
     [ -n "$NGINX_PID" ] && kill "$NGINX_PID" 2>/dev/null
     # stand-ins still running after a failure
-    jobs -p | xargs -r kill 2>/dev/null
+    jobs -p | xargs -r kill 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT

@@ -324,6 +324,11 @@ fn bad_azure_sources_are_one_clear_line_and_nothing_is_mounted() {
         ),
         (SOURCE.to_string(), options(&dead, &sas, ""), "refused"),
         (
+            SOURCE.to_string(),
+            format!("endpoint={}", azurite.endpoint),
+            "Entra ID needs an https endpoint",
+        ),
+        (
             "az://devstoreaccount1".to_string(),
             options(&azurite.endpoint, &sas, ""),
             "not an Azure blob source",

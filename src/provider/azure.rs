@@ -193,6 +193,11 @@ impl AzureProvider {
 
         let credential: Option<Arc<dyn TokenCredential>> = if sas.is_some() || options.anonymous {
             None
+        } else if url.scheme() != "https" {
+            return Err(ProviderError::Config(format!(
+                "az://{}: Entra ID needs an https endpoint; for an emulator give a SAS (credentials=FILE) or mount with anonymous",
+                location.account
+            )));
         } else {
             Some(entra_id_credential()?)
         };
@@ -391,7 +396,7 @@ impl TokenCredential for FirstThatWorks {
         for source in &self.sources {
             match source.get_token(scopes, options.clone()).await {
                 Ok(token) => return Ok(token),
-                Err(err) => failures.push(err.to_string()),
+                Err(err) => failures.push(one_line(&err.to_string())),
             }
         }
         Err(azure_core::Error::with_message(
@@ -404,6 +409,16 @@ impl TokenCredential for FirstThatWorks {
     }
 }
 
+/// The SDK's multi-line messages on one line, without its "To troubleshoot,
+/// visit …" links: a failed mount prints one line.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("To troubleshoot"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// SDK errors → provider errors, by what a caller can do about them. The
 /// text never carries the SAS: transport errors quote the request URL.
 fn map_error(
@@ -412,7 +427,7 @@ fn map_error(
     pinned: Option<&Version>,
     sas: Option<&str>,
 ) -> ProviderError {
-    let mut detail = redact_queries(&super::causes(&err));
+    let mut detail = one_line(&redact_queries(&super::causes(&err)));
     if let Some(sas) = sas.filter(|s| !s.is_empty()) {
         detail = detail.replace(sas, "<redacted>");
     }
@@ -449,6 +464,10 @@ fn map_error(
 
 #[async_trait]
 impl Provider for AzureProvider {
+    fn preferred_request_size(&self) -> u64 {
+        super::OBJECT_STORE_REQUEST
+    }
+
     async fn list(&self) -> Result<Inventory, ProviderError> {
         let mut inventory = Inventory::default();
         if self.single_blob {
@@ -662,6 +681,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn sdk_messages_become_one_line_without_troubleshooting_links() {
+        let text = "Multiple errors:\nAzureCliCredential failed. az not found\nTo troubleshoot, visit https://aka.ms/x\n\nManagedIdentityCredential failed.";
+        assert_eq!(
+            one_line(text),
+            "Multiple errors: AzureCliCredential failed. az not found ManagedIdentityCredential failed."
+        );
     }
 
     #[test]

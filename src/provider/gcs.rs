@@ -256,6 +256,10 @@ impl GcsProvider {
 
 #[async_trait]
 impl Provider for GcsProvider {
+    fn preferred_request_size(&self) -> u64 {
+        super::OBJECT_STORE_REQUEST
+    }
+
     async fn list(&self) -> Result<Inventory, ProviderError> {
         let what = format!("listing gs://{}/{}", self.bucket, self.prefix);
         let mut inventory = Inventory::default();

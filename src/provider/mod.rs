@@ -106,6 +106,13 @@ pub trait Provider: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// How large a request this provider wants for sequential read-ahead:
+    /// object stores pay a fixed cost per request (latency, billing,
+    /// emulator CPU), so they ask for more; 0 means one block.
+    fn preferred_request_size(&self) -> u64 {
+        0
+    }
+
     /// Exactly `len` bytes at `offset` (the caller never reads past the size
     /// it pinned), failing with [`ProviderError::Changed`] if the disk is no
     /// longer at `version`.
@@ -117,6 +124,10 @@ pub trait Provider: Send + Sync + 'static {
         len: usize,
     ) -> Result<Bytes, ProviderError>;
 }
+
+/// What the object stores ask for: Azurite served 54 MiB/s with 2 MiB
+/// requests and 266 MiB/s with 32 MiB ones; S3 bills per GET.
+pub const OBJECT_STORE_REQUEST: u64 = 16 << 20;
 
 /// Builds the provider for a SOURCE string such as `dir:///srv/vms`.
 pub async fn open_source(

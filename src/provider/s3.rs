@@ -168,6 +168,10 @@ fn to_system_time(time: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime
 
 #[async_trait]
 impl Provider for S3Provider {
+    fn preferred_request_size(&self) -> u64 {
+        super::OBJECT_STORE_REQUEST
+    }
+
     async fn list(&self) -> Result<Inventory, ProviderError> {
         let mut inventory = Inventory::default();
         let mut pages = self

@@ -51,9 +51,8 @@ pub struct ReadConfig {
     /// Read-ahead ceiling per file: past a few dozen MiB more overlap buys
     /// nothing on any link we have measured, it only holds memory.
     pub max_window: u64,
-    /// Read-ahead of a sequential reader goes out in requests of up to this
-    /// size (whole blocks): object stores pay a fixed cost per request
-    /// (Azurite measured 54 MiB/s with 2 MiB requests, 266 with 32 MiB).
+    /// Read-ahead of a sequential reader goes out in requests of up to the
+    /// provider's preferred size, capped by this (whole blocks).
     pub max_request: u64,
     /// Retries of a transient provider fault before the read fails.
     pub max_retries: u32,
@@ -251,6 +250,8 @@ pub struct ReadPath {
     /// Bounds the buffers of fetches in flight, one permit per block.
     fetch_slots: Arc<Semaphore>,
     config: ReadConfig,
+    /// Bytes per read-ahead request: the provider's preference, capped.
+    max_request: u64,
     cache_capacity: u64,
     open_files: AtomicUsize,
     readers_per_version: Mutex<HashMap<u64, Arc<AtomicUsize>>>,
@@ -280,12 +281,14 @@ impl ReadPath {
             .memory
             .saturating_sub(slots * config.block_size)
             .max(config.block_size);
+        let max_request = provider.preferred_request_size().min(config.max_request);
         Arc::new(ReadPath {
             provider,
             throttle,
             cache: BlockCache::new(cache_capacity),
             inflight: Mutex::new(HashMap::new()),
             fetch_slots: Arc::new(Semaphore::new(slots as usize)),
+            max_request,
             config,
             cache_capacity,
             open_files: AtomicUsize::new(0),
@@ -391,7 +394,7 @@ impl ReadPath {
         let last = (end - 1) / block_size;
         let max_window = self.max_window();
         // Half the window per request keeps two requests overlapping.
-        let run_blocks = (self.config.max_request.min(max_window / 2) / block_size).max(1);
+        let run_blocks = (self.max_request.min(max_window / 2) / block_size).max(1);
         let (ahead, done) = {
             let file_blocks = reader.size.div_ceil(block_size);
             let mut sequential = reader

@@ -56,6 +56,11 @@ impl Provider for MockProvider {
         Ok((disk.size, disk.version.clone()))
     }
 
+    /// Like an object store.
+    fn preferred_request_size(&self) -> u64 {
+        16 * MIB
+    }
+
     async fn read(
         &self,
         _disk: &DiskEntry,
