@@ -200,7 +200,9 @@ impl FsCore {
                 .await?;
             let data = self
                 .read_path
-                .retrying(&path, "open", || self.provider.data_ranges(disk, &version))
+                .retrying(&path, "open", || {
+                    self.provider.data_ranges(disk, &version, current_size)
+                })
                 .await?;
             Ok::<_, ProviderError>((current_size, version, data))
         };

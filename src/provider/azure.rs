@@ -448,7 +448,7 @@ fn map_error(
                 401 | 403 => ProviderError::Denied(format!(
                     "{what}: {code} (check the SAS token or the Entra ID role)"
                 )),
-                408 | 429 | 500.. => {
+                _ if super::is_transient_status(status) => {
                     ProviderError::Unreachable(format!("{what}: HTTP {status} {code}"))
                 }
                 _ => ProviderError::Protocol(format!("{what}: HTTP {status} {code}")),
@@ -562,11 +562,11 @@ impl Provider for AzureProvider {
         &self,
         disk: &DiskEntry,
         version: &Version,
+        size: u64,
     ) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
         if !version.0.starts_with(PAGE_PREFIX) {
             return Ok(None);
         }
-        let (size, _) = self.stat(disk).await?;
         self.page_ranges(&disk.locator, size, version)
             .await
             .map(Some)

@@ -68,10 +68,11 @@ impl Provider for DemoProvider {
 
     async fn data_ranges(
         &self,
-        disk: &DiskEntry,
+        _disk: &DiskEntry,
         _version: &Version,
+        size: u64,
     ) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
-        Ok(Some(data_ranges_of(disk.size)))
+        Ok(Some(data_ranges_of(size)))
     }
 
     async fn read(

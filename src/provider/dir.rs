@@ -224,6 +224,7 @@ impl Provider for DirProvider {
         &self,
         disk: &DiskEntry,
         version: &Version,
+        _size: u64,
     ) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
         data_ranges_blocking(&disk.locator, version).await
     }

@@ -22,8 +22,8 @@ use serde::Deserialize;
 
 use super::http::build_client;
 use super::{
-    bucket_and_prefix, causes, place_key, DiskEntry, Inventory, KeyPlace, Provider, ProviderError,
-    Version,
+    bucket_and_prefix, causes, is_transient_status, place_key, DiskEntry, Inventory, KeyPlace,
+    Provider, ProviderError, Version,
 };
 use crate::options::MountOptions;
 
@@ -117,13 +117,6 @@ fn generation_of(version: &Version) -> Option<i64> {
 impl GcsProvider {
     pub async fn new(source: &str, options: &MountOptions) -> Result<Self, ProviderError> {
         let (bucket, prefix) = parse_source(source)?;
-        if options.cafile.is_some() || options.insecure {
-            // The crate's transport trusts the system roots only; honouring
-            // the option for the listing alone would be worse than refusing.
-            return Err(ProviderError::Config(
-                "cafile= and insecure are not supported for gs:// (google-cloud-storage uses the system roots)".into(),
-            ));
-        }
         let credentials = if options.anonymous {
             credentials::anonymous::Builder::new().build()
         } else {
@@ -200,7 +193,7 @@ impl GcsProvider {
                     "{what}: HTTP {status} (check the credentials and the bucket's IAM)"
                 )))
             }
-            408 | 429 | 500.. => {
+            _ if is_transient_status(status) => {
                 return Err(ProviderError::Unreachable(format!("{what}: HTTP {status}")))
             }
             _ => return Err(ProviderError::Protocol(format!("{what}: HTTP {status}"))),
@@ -234,14 +227,11 @@ impl GcsProvider {
         let detail = causes(err);
         match err.http_status_code() {
             // The pinned generation is gone: the object was overwritten.
-            Some(404) => ProviderError::Changed {
-                pinned: pinned.0.clone(),
-            },
-            Some(412) => ProviderError::Changed {
+            Some(404 | 412) => ProviderError::Changed {
                 pinned: pinned.0.clone(),
             },
             Some(401 | 403) => ProviderError::Denied(format!("{what}: {detail}")),
-            Some(408 | 429) | Some(500..) => {
+            Some(status) if is_transient_status(status) => {
                 ProviderError::Unreachable(format!("{what}: {detail}"))
             }
             Some(_) => ProviderError::Protocol(format!("{what}: {detail}")),

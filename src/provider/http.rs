@@ -26,7 +26,9 @@ use serde::Deserialize;
 use url::Url;
 
 use super::http_range::{RangeClient, Ranged};
-use super::{redact_url, DiskEntry, Inventory, Provider, ProviderError, Version};
+use super::{
+    causes, is_transient_status, redact_url, DiskEntry, Inventory, Provider, ProviderError, Version,
+};
 use crate::options::MountOptions;
 
 #[derive(Debug, Deserialize)]
@@ -165,14 +167,12 @@ pub fn build_client(options: &MountOptions) -> Result<reqwest::Client, ProviderE
 
 fn transport_error(url: &str, err: reqwest::Error) -> ProviderError {
     // The chain holds the useful part ("Connection refused"); reqwest's own
-    // message alone does not.
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(&err);
-    while let Some(cause) = source {
-        text = format!("{text}: {cause}");
-        source = cause.source();
-    }
-    ProviderError::Unreachable(format!("{}: {text}", redact_url(url)))
+    // message alone does not. The URL is shown once, redacted.
+    ProviderError::Unreachable(format!(
+        "{}: {}",
+        redact_url(url),
+        causes(&err.without_url())
+    ))
 }
 
 fn check_status(url: &str, status: StatusCode) -> Result<(), ProviderError> {
@@ -183,10 +183,7 @@ fn check_status(url: &str, status: StatusCode) -> Result<(), ProviderError> {
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
             Err(ProviderError::Denied(format!("{url}: HTTP {status}")))
         }
-        s if s.is_server_error()
-            || s == StatusCode::TOO_MANY_REQUESTS
-            || s == StatusCode::REQUEST_TIMEOUT =>
-        {
+        s if is_transient_status(s.as_u16()) => {
             Err(ProviderError::Unreachable(format!("{url}: HTTP {status}")))
         }
         _ => Err(ProviderError::Protocol(format!("{url}: HTTP {status}"))),

@@ -129,6 +129,7 @@ impl Provider for HyperVProvider {
         &self,
         disk: &DiskEntry,
         version: &Version,
+        _size: u64,
     ) -> Result<Option<Vec<std::ops::Range<u64>>>, ProviderError> {
         data_ranges_blocking(&disk.locator, version).await
     }

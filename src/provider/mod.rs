@@ -95,13 +95,14 @@ pub trait Provider: Send + Sync + 'static {
     /// The current size and version of one disk; called at open to pin it.
     async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError>;
 
-    /// The byte ranges that hold data, sorted and disjoint; the rest reads
-    /// as zeros and is served without fetching. `None`: all of it is data
-    /// (or the provider cannot tell).
+    /// The byte ranges of `size` bytes pinned at `version` that hold data,
+    /// sorted and disjoint; the rest reads as zeros and is served without
+    /// fetching. `None`: all of it is data (or the provider cannot tell).
     async fn data_ranges(
         &self,
         _disk: &DiskEntry,
         _version: &Version,
+        _size: u64,
     ) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
         Ok(None)
     }
@@ -139,16 +140,19 @@ pub async fn open_source(
             "'{source}' is not a source: expected SCHEME://..., e.g. demo://, dir:///path, http://host/manifest.json"
         ))
     })?;
-    match scheme {
+    let kind = match scheme {
+        "https" if azure::is_blob_sas_url(source) => "az",
+        "http" | "https" => "http",
+        other => other,
+    };
+    check_options_apply(kind, options)?;
+    match kind {
         "demo" => Ok(Arc::new(demo::DemoProvider::new(rest)?)),
         "dir" => Ok(Arc::new(dir::DirProvider::new(local_path(source, rest)?)?)),
         "hyperv" => Ok(Arc::new(hyperv::HyperVProvider::new(local_path(
             source, rest,
         )?)?)),
-        "https" if azure::is_blob_sas_url(source) => {
-            Ok(Arc::new(azure::AzureProvider::new(source, options).await?))
-        }
-        "http" | "https" => Ok(Arc::new(http::HttpProvider::new(source, options)?)),
+        "http" => Ok(Arc::new(http::HttpProvider::new(source, options)?)),
         "s3" => Ok(Arc::new(s3::S3Provider::new(source, options).await?)),
         "az" => Ok(Arc::new(azure::AzureProvider::new(source, options).await?)),
         "gs" => Ok(Arc::new(gcs::GcsProvider::new(source, options).await?)),
@@ -159,6 +163,57 @@ pub async fn open_source(
             "unknown source scheme '{scheme}://' in '{source}': expected demo, dir, hyperv, http, https, s3, az, gs"
         ))),
     }
+}
+
+/// Options that only some sources use. Given to another source they would
+/// be silently ignored (a key file or a CA the user counts on, never used),
+/// so they are refused, saying why.
+fn check_options_apply(kind: &str, options: &MountOptions) -> Result<(), ProviderError> {
+    const STORES: &[&str] = &["s3", "az", "gs"];
+    let rules: [(&str, bool, &[&str]); 8] = [
+        ("endpoint=", options.endpoint.is_some(), STORES),
+        ("region=", options.region.is_some(), &["s3"]),
+        ("profile=", options.profile.is_some(), &["s3"]),
+        (
+            "credentials=",
+            options.credentials.is_some(),
+            &["az", "vsphere"],
+        ),
+        ("user=", options.user.is_some(), &["vsphere"]),
+        ("anonymous", options.anonymous, STORES),
+        (
+            "cafile=",
+            options.cafile.is_some(),
+            &["http", "s3", "az", "vsphere"],
+        ),
+        ("insecure", options.insecure, &["http", "az", "vsphere"]),
+    ];
+    let Some((option, _, applies_to)) = rules
+        .iter()
+        .find(|(_, given, applies_to)| *given && !applies_to.contains(&kind))
+    else {
+        return Ok(());
+    };
+    let why = match (*option, kind) {
+        ("cafile=" | "insecure", "gs") => {
+            "google-cloud-storage trusts the system roots only".to_string()
+        }
+        ("insecure", "s3") => {
+            "the AWS SDK always verifies TLS; give the endpoint's CA with cafile=".to_string()
+        }
+        _ => format!(
+            "it is for {} sources",
+            applies_to
+                .iter()
+                .map(|kind| format!("{kind}://"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let shown = if kind == "http" { "http(s)" } else { kind };
+    Err(ProviderError::Config(format!(
+        "{option} is not supported for {shown}:// sources: {why}"
+    )))
 }
 
 fn local_path(source: &str, rest: &str) -> Result<std::path::PathBuf, ProviderError> {
@@ -243,6 +298,12 @@ pub fn redact_queries(text: &str) -> String {
     out
 }
 
+/// Statuses worth another try after a pause: request timeout, throttling
+/// (429, S3's 503 SlowDown, Azure's 503 ServerBusy) and server errors.
+pub(crate) fn is_transient_status(status: u16) -> bool {
+    matches!(status, 408 | 429 | 500..=599)
+}
+
 /// "dispatch failure: io error: ...: Connection refused (os error 111)":
 /// each cause's own message once, without an SDK's debug dump.
 pub(crate) fn causes(err: &(dyn std::error::Error + 'static)) -> String {
@@ -278,6 +339,47 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<String, ProviderError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_for_other_sources_are_refused_not_ignored() {
+        let given = |text: &str| MountOptions::parse([text]).unwrap();
+        assert!(check_options_apply("s3", &given("endpoint=http://x,region=eu-west-1")).is_ok());
+        assert!(check_options_apply("az", &given("credentials=/k,insecure")).is_ok());
+        assert!(check_options_apply("demo", &given("rate=10M,uid=0")).is_ok());
+        for (kind, options, expected) in [
+            (
+                "gs",
+                "credentials=/k",
+                "credentials= is not supported for gs:// sources: it is for az://, vsphere://",
+            ),
+            (
+                "http",
+                "region=x",
+                "region= is not supported for http(s):// sources: it is for s3://",
+            ),
+            (
+                "dir",
+                "anonymous",
+                "anonymous is not supported for dir:// sources",
+            ),
+            ("s3", "user=root", "user= is not supported for s3://"),
+            (
+                "gs",
+                "cafile=/ca.pem",
+                "not supported for gs:// sources: google-cloud-storage",
+            ),
+            (
+                "s3",
+                "insecure",
+                "insecure is not supported for s3:// sources: the AWS SDK",
+            ),
+        ] {
+            let err = check_options_apply(kind, &given(options))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{kind} {options}: {err}");
+        }
+    }
 
     #[test]
     fn keys_land_as_objects_and_folders_under_the_prefix() {

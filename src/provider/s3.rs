@@ -19,8 +19,8 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use bytes::Bytes;
 
 use super::{
-    bucket_and_prefix, causes, place_key, DiskEntry, Inventory, KeyPlace, Provider, ProviderError,
-    Version,
+    bucket_and_prefix, causes, is_transient_status, place_key, DiskEntry, Inventory, KeyPlace,
+    Provider, ProviderError, Version,
 };
 use crate::options::MountOptions;
 
@@ -71,11 +71,6 @@ impl S3Provider {
         }
         if options.anonymous {
             loader = loader.no_credentials();
-        }
-        if options.insecure {
-            return Err(ProviderError::Config(
-                "insecure is not supported for s3:// (the AWS SDK always verifies TLS): give the endpoint's CA with cafile=".into(),
-            ));
         }
         if let Some(cafile) = &options.cafile {
             loader = loader.http_client(https_client_trusting(cafile)?);
@@ -153,7 +148,7 @@ where
         (_, Some(401 | 403)) => ProviderError::Denied(format!(
             "{what}: {code} (check the credentials and the bucket policy)"
         )),
-        (_, Some(status)) if status >= 500 || status == 429 => {
+        (_, Some(status)) if is_transient_status(status) => {
             ProviderError::Unreachable(format!("{what}: HTTP {status} {code}"))
         }
         (SdkError::ResponseError(_), _) => ProviderError::Unreachable(format!("{what}: {detail}")),

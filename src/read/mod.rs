@@ -545,8 +545,7 @@ impl ReadPath {
             return Lookup::Ready(block);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-        let fetch = self.start_fetch(&mut inflight, reader, index, 1);
-        Lookup::Pending(fetch.into_iter().next().expect("one block"))
+        Lookup::Pending(self.start_fetch(&mut inflight, reader, index, 1))
     }
 
     /// Read-ahead of `blocks`: the ones neither cached, nor being fetched,
@@ -587,14 +586,15 @@ impl ReadPath {
 
     /// Starts one fetch of `count` blocks from `first` and registers each
     /// block's share of it as in flight (under the caller's lock, so that
-    /// the task's own removal always comes after the insertion).
+    /// the task's own removal always comes after the insertion); returns
+    /// the first block's.
     fn start_fetch(
         self: &Arc<Self>,
         inflight: &mut HashMap<BlockKey, SharedFetch>,
         reader: &Arc<FileReader>,
         first: u64,
         count: u64,
-    ) -> Vec<SharedFetch> {
+    ) -> SharedFetch {
         let this = Arc::clone(self);
         let owner = Arc::clone(reader);
         let block_size = self.config.block_size;
@@ -625,26 +625,28 @@ impl ReadPath {
         if count == 1 {
             let fetch = whole.shared();
             inflight.insert(BlockKey { file, index: first }, fetch.clone());
-            return vec![fetch];
+            return fetch;
         }
         let whole = whole.shared();
-        (0..count)
-            .map(|i| {
-                let fetch = whole
-                    .clone()
-                    .map(move |result| result.map(|span| block_of(&span, i, block_size)))
-                    .boxed()
-                    .shared();
-                inflight.insert(
-                    BlockKey {
-                        file,
-                        index: first + i,
-                    },
-                    fetch.clone(),
-                );
-                fetch
-            })
-            .collect()
+        let share = |i: u64| {
+            whole
+                .clone()
+                .map(move |result| result.map(|span| block_of(&span, i, block_size)))
+                .boxed()
+                .shared()
+        };
+        for i in 1..count {
+            inflight.insert(
+                BlockKey {
+                    file,
+                    index: first + i,
+                },
+                share(i),
+            );
+        }
+        let fetch = share(0);
+        inflight.insert(BlockKey { file, index: first }, fetch.clone());
+        fetch
     }
 
     /// `count` blocks from `first`, in one provider request.
@@ -660,6 +662,9 @@ impl ReadPath {
         // last is fetched and charged; the rest is zeros.
         let span = reader.data_span(offset, offset + block_len);
         let len = span.end - span.start;
+        // A run is at most half the window, which is at most half the cache
+        // (three quarters of `memory`), so it never asks for more slots than
+        // the `memory / 4` there are.
         let _slots = self
             .fetch_slots
             .acquire_many(count as u32)
