@@ -1,12 +1,13 @@
 #!/bin/sh
 # Installs what the tests need on a fresh Debian machine: FUSE's user tools,
 # nginx (the HTTP stand-in), moto (S3), Azurite (Azure Blob),
-# fake-gcs-server (GCS), rsync, and the tools the tests drive.
+# fake-gcs-server (GCS), the vSphere simulator (built from Debian's govmomi
+# library and tests/vcsim/main.go), rsync, and the tools the tests drive.
 # Idempotent: packages already present are not fetched again.
 set -eu
 
 need_apt=
-for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm qemu-img:qemu-utils openssl:openssl; do
+for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm qemu-img:qemu-utils openssl:openssl go:golang-go; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt="$need_apt ${tool#*:}"
 done
 
@@ -45,6 +46,28 @@ if ! command -v fake-gcs-server >/dev/null 2>&1; then
 fi
 command -v fake-gcs-server >/dev/null 2>&1 || { echo "install-test-deps: fake-gcs-server not on PATH" >&2; exit 1; }
 
+# The vSphere simulator: Debian ships govmomi's simulator library but no
+# command; ours (tests/vcsim/main.go) builds offline in GOPATH mode. Rebuilt
+# when main.go is newer than the installed binary.
+govmomi=/usr/share/gocode/src/github.com/vmware/govmomi/simulator
+if [ ! -d "$govmomi" ]; then
+    [ "$(id -u)" -eq 0 ] || { echo "install-test-deps: need root to install golang-github-vmware-govmomi-dev" >&2; exit 1; }
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq --no-install-recommends golang-github-vmware-govmomi-dev >/dev/null
+fi
+vcsim_src=$(cd "$(dirname "$0")/../tests/vcsim" && pwd)
+vcsim_bin=/usr/local/bin/vmexportfs-vcsim
+if [ ! -x "$vcsim_bin" ] || [ "$vcsim_src/main.go" -nt "$vcsim_bin" ]; then
+    gopath=$(mktemp -d)
+    mkdir -p "$gopath/src/vmexportfs-vcsim"
+    cp "$vcsim_src/main.go" "$gopath/src/vmexportfs-vcsim/"
+    (cd "$gopath/src/vmexportfs-vcsim" &&
+        GO111MODULE=off GOPATH="$gopath:/usr/share/gocode" GOPROXY=off GOFLAGS= GOCACHE="$gopath/cache" \
+            go build -o "$vcsim_bin" .)
+    rm -rf "$gopath"
+fi
+command -v vmexportfs-vcsim >/dev/null 2>&1 || { echo "install-test-deps: vmexportfs-vcsim not built" >&2; exit 1; }
+
 # The distribution's nginx service would hold port 80; the tests start their
 # own nginx on free loopback ports and need none running.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
@@ -53,4 +76,4 @@ fi
 
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 [ -e /dev/fuse ] || { echo "install-test-deps: /dev/fuse is missing" >&2; exit 1; }
-echo "install-test-deps: fuse3, nginx, moto, azurite, fake-gcs-server, rsync, curl present"
+echo "install-test-deps: fuse3, nginx, moto, azurite, fake-gcs-server, vmexportfs-vcsim, rsync, curl present"

@@ -258,7 +258,8 @@ impl fuser::Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.core.release(fh.0);
+        let core = Arc::clone(&self.core);
+        self.runtime.spawn(async move { core.release(fh.0).await });
         reply.ok();
     }
 

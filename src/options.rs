@@ -35,6 +35,8 @@ pub enum OptionError {
     },
     #[error("option '{0}' is not supported by this version of vmexportfs yet")]
     NotYetSupported(String),
+    #[error("option '{0}' is refused: a password would show in /proc/mounts and ps; put it in credentials=FILE (mode 600) or VSPHERE_PASSWORD")]
+    Secret(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +72,8 @@ pub struct MountOptions {
     /// A provider answer that stops sending bytes this long is aborted and
     /// retried.
     pub stall_timeout: Duration,
+    /// vSphere: read each VM's disks from a snapshot taken at first open.
+    pub snapshot: bool,
 }
 
 /// Long enough for a congested WAN link to recover, short enough that a
@@ -99,6 +103,7 @@ impl Default for MountOptions {
             rw_requested: false,
             log: None,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            snapshot: false,
         }
     }
 }
@@ -225,8 +230,22 @@ impl MountOptions {
                     })?;
                 self.stall_timeout = Duration::from_secs_f64(seconds);
             }
-            "snapshot" | "schedule" | "file_rate" | "priority" | "fleet" | "fleet_key"
-            | "fleet_rate" | "fleet_fallback" | "control" | "metrics" => {
+            "snapshot" => {
+                self.snapshot = match value {
+                    None | Some("on") => true,
+                    Some("off") => false,
+                    Some(other) => {
+                        return Err(OptionError::BadValue {
+                            name: name.to_string(),
+                            value: other.to_string(),
+                            expected: "on or off",
+                        })
+                    }
+                }
+            }
+            "password" | "pass" | "passwd" => return Err(OptionError::Secret(name.to_string())),
+            "schedule" | "file_rate" | "priority" | "fleet" | "fleet_key" | "fleet_rate"
+            | "fleet_fallback" | "control" | "metrics" => {
                 return Err(OptionError::NotYetSupported(name.to_string()))
             }
             // mount(8) and systemd options: theirs, not ours.

@@ -50,7 +50,7 @@ pub fn run(rate: &str, disk: &str) -> anyhow::Result<()> {
     println!("{}", mounted.summary());
     let copy = workdir.path().join(name);
     let result = copy_with_progress(&mountpoint.join(vm).join(name), &copy, size);
-    let unmounted = mounted.unmount();
+    let unmounted = mounted.unmount(runtime.handle());
     let (copied, seconds) = result?;
     unmounted?;
     check_copy(&copy, name, size)?;

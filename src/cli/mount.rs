@@ -30,6 +30,9 @@ const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 /// Kernel read-ahead for the mount: large enough that the kernel sends
 /// 1 MiB requests and keeps several in flight.
 const KERNEL_READ_AHEAD_KB: u32 = 4096;
+/// Removing a snapshot consolidates what the VM wrote meanwhile, which can
+/// take minutes on a busy datastore; the mount waits that long at most.
+const PROVIDER_CLOSE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// A live mount: the FUSE session and the core behind it.
 pub struct Mounted {
@@ -52,23 +55,34 @@ impl Mounted {
             .is_none_or(|session| session.guard.is_finished())
     }
 
-    /// Stops every fetch and unmounts, lazily if the mount is busy.
-    pub fn unmount(mut self) -> anyhow::Result<()> {
+    /// Stops every fetch and unmounts, lazily if the mount is busy; then
+    /// lets the provider clean up on its side (snapshots, sessions).
+    pub fn unmount(mut self, runtime: &tokio::runtime::Handle) -> anyhow::Result<()> {
         self.core.shutdown();
-        let Some(session) = self.session.take() else {
-            return Ok(());
-        };
-        if session.guard.is_finished() {
-            let _ = session.join();
-            return Ok(());
-        }
-        match session.umount_and_join() {
-            Ok(()) => Ok(()),
-            Err(err) => {
-                tracing::warn!(mountpoint = %self.mountpoint.display(), "unmount: {err}; detaching");
-                lazy_unmount(&self.mountpoint)
+        let result = match self.session.take() {
+            None => Ok(()),
+            Some(session) if session.guard.is_finished() => {
+                let _ = session.join();
+                Ok(())
             }
+            Some(session) => match session.umount_and_join() {
+                Ok(()) => Ok(()),
+                Err(err) => {
+                    tracing::warn!(mountpoint = %self.mountpoint.display(), "unmount: {err}; detaching");
+                    lazy_unmount(&self.mountpoint)
+                }
+            },
+        };
+        let core = Arc::clone(&self.core);
+        if runtime
+            .block_on(async { tokio::time::timeout(PROVIDER_CLOSE_TIMEOUT, core.finish()).await })
+            .is_err()
+        {
+            tracing::error!(
+                "the provider did not finish cleaning up within {PROVIDER_CLOSE_TIMEOUT:?}"
+            );
         }
+        result
     }
 }
 
@@ -214,7 +228,7 @@ pub fn mount(
         summary: String::new(),
     };
     if let Err(err) = check_answers(mountpoint) {
-        let _ = mounted.unmount();
+        let _ = mounted.unmount(runtime);
         return Err(err);
     }
     raise_kernel_read_ahead(mountpoint);
@@ -323,8 +337,9 @@ pub fn run(
         super::init_stderr_logging();
         let runtime = build_runtime()?;
         let mounted = mount(source, &mountpoint, &options, runtime.handle())?;
-        runtime.block_on(serve_until_done(&mounted))?;
-        return mounted.unmount();
+        let served = runtime.block_on(serve_until_done(&mounted));
+        mounted.unmount(runtime.handle())?;
+        return served;
     }
     let log_path = options
         .log
@@ -388,7 +403,7 @@ fn run_daemon(
     writeln!(ready, "OK {}", mounted.summary())?;
     drop(std::mem::replace(ready, std::fs::File::open("/dev/null")?));
     let result = runtime.block_on(serve_until_done(&mounted));
-    mounted.unmount()?;
+    mounted.unmount(runtime.handle())?;
     result
 }
 

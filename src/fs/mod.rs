@@ -192,6 +192,13 @@ impl FsCore {
             return Err(FsError::IsDirectory);
         };
         let path = self.tree.path_of(ino);
+        self.provider.begin_read(disk).await.map_err(|source| {
+            tracing::warn!(%path, "open failed: {source}");
+            FsError::Provider {
+                path: path.clone(),
+                source: Arc::new(source),
+            }
+        })?;
         // Pin the version, then learn where its data is (sparse disks).
         let pinned = async {
             let (current_size, version) = self
@@ -206,13 +213,17 @@ impl FsCore {
                 .await?;
             Ok::<_, ProviderError>((current_size, version, data))
         };
-        let (current_size, version, data) = pinned.await.map_err(|source| {
-            tracing::warn!(%path, "open failed: {source}");
-            FsError::Provider {
-                path: path.clone(),
-                source: Arc::new(source),
+        let (current_size, version, data) = match pinned.await {
+            Ok(pinned) => pinned,
+            Err(source) => {
+                tracing::warn!(%path, "open failed: {source}");
+                self.provider.end_read(disk).await;
+                return Err(FsError::Provider {
+                    path: path.clone(),
+                    source: Arc::new(source),
+                });
             }
-        })?;
+        };
         let listed = size.swap(current_size, Ordering::Relaxed);
         if listed != current_size {
             tracing::info!(%path, listed, current_size, "disk size changed since it was listed");
@@ -255,8 +266,8 @@ impl FsCore {
         found.ok_or(FsError::NoMoreData)
     }
 
-    /// Closes a file: its fetches stop.
-    pub fn release(&self, fh: u64) {
+    /// Closes a file: its fetches stop, and the provider hears of it.
+    pub async fn release(&self, fh: u64) {
         let reader = self
             .handles
             .write()
@@ -264,6 +275,7 @@ impl FsCore {
             .remove(&fh);
         if let Some(reader) = reader {
             self.read_path.release(&reader);
+            self.provider.end_read(reader.disk()).await;
         }
     }
 
@@ -279,5 +291,12 @@ impl FsCore {
     /// The mount is going away: every fetch stops.
     pub fn shutdown(&self) {
         self.read_path.shutdown();
+    }
+
+    /// The mount is gone: the provider cleans up on its side (snapshots,
+    /// sessions), whatever files were still open.
+    pub async fn finish(&self) {
+        self.shutdown();
+        self.provider.close().await;
     }
 }

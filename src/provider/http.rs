@@ -129,7 +129,7 @@ impl HttpProvider {
         })
     }
 
-    fn version_from(headers: &HeaderMap, size: u64) -> Version {
+    pub(super) fn version_from(headers: &HeaderMap, size: u64) -> Version {
         let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
         match (text(ETAG), text(LAST_MODIFIED)) {
             (Some(etag), _) if !etag.starts_with("W/") => Version(format!("{ETAG_PREFIX}{etag}")),
@@ -142,6 +142,13 @@ impl HttpProvider {
 /// One reqwest client per mount: connection pooling, timeouts, and TLS trust
 /// from `cafile=` / `insecure`.
 pub fn build_client(options: &MountOptions) -> Result<reqwest::Client, ProviderError> {
+    client_builder(options)?
+        .build()
+        .map_err(|err| ProviderError::Config(format!("HTTP client: {err}")))
+}
+
+/// The settings of [`build_client`], for providers that add their own.
+pub fn client_builder(options: &MountOptions) -> Result<reqwest::ClientBuilder, ProviderError> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(options.stall_timeout)
@@ -160,12 +167,10 @@ pub fn build_client(options: &MountOptions) -> Result<reqwest::Client, ProviderE
         tracing::warn!("TLS certificate verification is off (option 'insecure')");
         builder = builder.tls_danger_accept_invalid_certs(true);
     }
-    builder
-        .build()
-        .map_err(|err| ProviderError::Config(format!("HTTP client: {err}")))
+    Ok(builder)
 }
 
-fn transport_error(url: &str, err: reqwest::Error) -> ProviderError {
+pub(super) fn transport_error(url: &str, err: reqwest::Error) -> ProviderError {
     // The chain holds the useful part ("Connection refused"); reqwest's own
     // message alone does not. The URL is shown once, redacted.
     ProviderError::Unreachable(format!(
@@ -175,14 +180,15 @@ fn transport_error(url: &str, err: reqwest::Error) -> ProviderError {
     ))
 }
 
-fn check_status(url: &str, status: StatusCode) -> Result<(), ProviderError> {
+pub(super) fn check_status(url: &str, status: StatusCode) -> Result<(), ProviderError> {
     let url = redact_url(url);
     match status {
         s if s.is_success() => Ok(()),
         StatusCode::NOT_FOUND | StatusCode::GONE => Err(ProviderError::NotFound(url)),
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-            Err(ProviderError::Denied(format!("{url}: HTTP {status}")))
+        StatusCode::UNAUTHORIZED => {
+            Err(ProviderError::Unauthorized(format!("{url}: HTTP {status}")))
         }
+        StatusCode::FORBIDDEN => Err(ProviderError::Denied(format!("{url}: HTTP {status}"))),
         s if is_transient_status(s.as_u16()) => {
             Err(ProviderError::Unreachable(format!("{url}: HTTP {status}")))
         }
@@ -190,7 +196,7 @@ fn check_status(url: &str, status: StatusCode) -> Result<(), ProviderError> {
     }
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
+pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse().ok())
@@ -296,83 +302,96 @@ impl Provider for HttpProvider {
                 }
             }
         }
-        let last = offset + len as u64 - 1;
-        let mut request = self
-            .client
-            .get(url)
-            .header(RANGE, format!("bytes={offset}-{last}"));
-        if let Some(etag) = version.0.strip_prefix(ETAG_PREFIX) {
-            request = request.header(IF_MATCH, etag);
-        } else if let Some(modified) = version.0.strip_prefix(MODIFIED_PREFIX) {
-            request = request.header(IF_UNMODIFIED_SINCE, modified);
-        }
-        let mut response = request
-            .send()
-            .await
-            .map_err(|err| transport_error(url, err))?;
-        let changed = || ProviderError::Changed {
-            pinned: version.0.clone(),
-        };
-        match response.status() {
-            StatusCode::PRECONDITION_FAILED => return Err(changed()),
-            StatusCode::PARTIAL_CONTENT => {
-                let range = response
-                    .headers()
-                    .get(CONTENT_RANGE)
-                    .and_then(|v| parse_content_range(v.to_str().ok()?));
-                match range {
-                    Some((start, end, total)) if start == offset && end == last => {
-                        if let (Some(total), Some(size)) =
-                            (total, version.0.strip_prefix(SIZE_PREFIX))
-                        {
-                            if size != total.to_string() {
-                                return Err(changed());
-                            }
+        ranged_get(&self.client, url, disk.size, version, offset, len).await
+    }
+}
+
+/// `len` bytes at `offset` through reqwest, sending the pinned version as a
+/// precondition (`If-Match`, `If-Unmodified-Since`, or a size check against
+/// the answer's Content-Range). `whole_size` allows a `200` to a range that
+/// covers the whole file.
+pub(super) async fn ranged_get(
+    client: &reqwest::Client,
+    url: &str,
+    whole_size: u64,
+    version: &Version,
+    offset: u64,
+    len: usize,
+) -> Result<Bytes, ProviderError> {
+    let last = offset + len as u64 - 1;
+    let mut request = client
+        .get(url)
+        .header(RANGE, format!("bytes={offset}-{last}"));
+    if let Some(etag) = version.0.strip_prefix(ETAG_PREFIX) {
+        request = request.header(IF_MATCH, etag);
+    } else if let Some(modified) = version.0.strip_prefix(MODIFIED_PREFIX) {
+        request = request.header(IF_UNMODIFIED_SINCE, modified);
+    }
+    let mut response = request
+        .send()
+        .await
+        .map_err(|err| transport_error(url, err))?;
+    let changed = || ProviderError::Changed {
+        pinned: version.0.clone(),
+    };
+    match response.status() {
+        StatusCode::PRECONDITION_FAILED => return Err(changed()),
+        StatusCode::PARTIAL_CONTENT => {
+            let range = response
+                .headers()
+                .get(CONTENT_RANGE)
+                .and_then(|v| parse_content_range(v.to_str().ok()?));
+            match range {
+                Some((start, end, total)) if start == offset && end == last => {
+                    if let (Some(total), Some(size)) = (total, version.0.strip_prefix(SIZE_PREFIX))
+                    {
+                        if size != total.to_string() {
+                            return Err(changed());
                         }
                     }
-                    _ => {
-                        return Err(ProviderError::Protocol(format!(
-                            "{}: answered bytes={offset}-{last} with Content-Range {:?}",
-                            redact_url(url),
-                            response.headers().get(CONTENT_RANGE)
-                        )))
-                    }
+                }
+                _ => {
+                    return Err(ProviderError::Protocol(format!(
+                        "{}: answered bytes={offset}-{last} with Content-Range {:?}",
+                        redact_url(url),
+                        response.headers().get(CONTENT_RANGE)
+                    )))
                 }
             }
-            StatusCode::OK if offset == 0 && len as u64 == disk.size => {}
-            StatusCode::OK => {
-                return Err(ProviderError::Protocol(format!(
-                    "{}: the server ignores Range requests",
-                    redact_url(url)
-                )))
-            }
-            StatusCode::RANGE_NOT_SATISFIABLE => return Err(changed()),
-            status => check_status(url, status)?,
         }
-        let mut buf = BytesMut::with_capacity(len);
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|err| transport_error(url, err))?
-        {
-            if buf.len() + chunk.len() > len {
-                return Err(ProviderError::Protocol(format!(
-                    "{}: more bytes than asked for",
-                    redact_url(url)
-                )));
-            }
-            buf.extend_from_slice(&chunk);
+        StatusCode::OK if offset == 0 && len as u64 == whole_size => {}
+        StatusCode::OK => {
+            return Err(ProviderError::Protocol(format!(
+                "{}: the server ignores Range requests",
+                redact_url(url)
+            )))
         }
-        if buf.len() != len {
-            // A body cut short is a transport fault: worth a retry.
-            return Err(ProviderError::Unreachable(format!(
-                "{}: body ended after {} of {len} bytes",
-                redact_url(url),
-                buf.len()
+        StatusCode::RANGE_NOT_SATISFIABLE => return Err(changed()),
+        status => check_status(url, status)?,
+    }
+    let mut buf = BytesMut::with_capacity(len);
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|err| transport_error(url, err))?
+    {
+        if buf.len() + chunk.len() > len {
+            return Err(ProviderError::Protocol(format!(
+                "{}: more bytes than asked for",
+                redact_url(url)
             )));
         }
-        Ok(buf.freeze())
+        buf.extend_from_slice(&chunk);
     }
+    if buf.len() != len {
+        // A body cut short is a transport fault: worth a retry.
+        return Err(ProviderError::Unreachable(format!(
+            "{}: body ended after {} of {len} bytes",
+            redact_url(url),
+            buf.len()
+        )));
+    }
+    Ok(buf.freeze())
 }
 
 #[cfg(test)]

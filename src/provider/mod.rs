@@ -22,6 +22,7 @@ pub mod http;
 mod http_range;
 pub mod hyperv;
 pub mod s3;
+pub mod vsphere;
 
 /// One disk as the provider lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +61,9 @@ pub enum ProviderError {
     NotFound(String),
     #[error("access denied: {0}")]
     Denied(String),
+    /// Not signed in, or the session expired (HTTP 401).
+    #[error("not authenticated: {0}")]
+    Unauthorized(String),
     #[error("{0}")]
     Unreachable(String),
     #[error("bad answer from the provider: {0}")]
@@ -114,6 +118,20 @@ pub trait Provider: Send + Sync + 'static {
         0
     }
 
+    /// A file is being opened for reading, before its version is pinned
+    /// (vSphere takes its snapshot here). Every `Ok` is matched by one
+    /// [`Provider::end_read`].
+    async fn begin_read(&self, _disk: &DiskEntry) -> Result<(), ProviderError> {
+        Ok(())
+    }
+
+    /// A file opened with [`Provider::begin_read`] was closed.
+    async fn end_read(&self, _disk: &DiskEntry) {}
+
+    /// The mount is ending: undo whatever the provider left behind on the
+    /// provider's side (snapshots) and sign out.
+    async fn close(&self) {}
+
     /// Exactly `len` bytes at `offset` (the caller never reads past the size
     /// it pinned), failing with [`ProviderError::Changed`] if the disk is no
     /// longer at `version`.
@@ -156,11 +174,11 @@ pub async fn open_source(
         "s3" => Ok(Arc::new(s3::S3Provider::new(source, options).await?)),
         "az" => Ok(Arc::new(azure::AzureProvider::new(source, options).await?)),
         "gs" => Ok(Arc::new(gcs::GcsProvider::new(source, options).await?)),
-        "vsphere" => Err(ProviderError::Config(format!(
-            "{scheme}:// sources are not supported by this version of vmexportfs yet"
-        ))),
+        "vsphere" => Ok(Arc::new(
+            vsphere::VsphereProvider::new(source, options).await?,
+        )),
         _ => Err(ProviderError::Config(format!(
-            "unknown source scheme '{scheme}://' in '{source}': expected demo, dir, hyperv, http, https, s3, az, gs"
+            "unknown source scheme '{scheme}://' in '{source}': expected demo, dir, hyperv, http, https, s3, az, gs, vsphere"
         ))),
     }
 }
@@ -170,7 +188,7 @@ pub async fn open_source(
 /// so they are refused, saying why.
 fn check_options_apply(kind: &str, options: &MountOptions) -> Result<(), ProviderError> {
     const STORES: &[&str] = &["s3", "az", "gs"];
-    let rules: [(&str, bool, &[&str]); 8] = [
+    let rules: [(&str, bool, &[&str]); 9] = [
         ("endpoint=", options.endpoint.is_some(), STORES),
         ("region=", options.region.is_some(), &["s3"]),
         ("profile=", options.profile.is_some(), &["s3"]),
@@ -187,6 +205,7 @@ fn check_options_apply(kind: &str, options: &MountOptions) -> Result<(), Provide
             &["http", "s3", "az", "vsphere"],
         ),
         ("insecure", options.insecure, &["http", "az", "vsphere"]),
+        ("snapshot=on", options.snapshot, &["vsphere"]),
     ];
     let Some((option, _, applies_to)) = rules
         .iter()

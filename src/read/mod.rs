@@ -183,6 +183,10 @@ pub struct FileReader {
 }
 
 impl FileReader {
+    /// The disk this reader reads.
+    pub fn disk(&self) -> &DiskEntry {
+        &self.disk
+    }
     /// Whether `[start, end)` holds no data at all.
     fn is_hole(&self, start: u64, end: u64) -> bool {
         let Some(ranges) = &self.data else {

@@ -6,6 +6,7 @@ pub mod azurite;
 pub mod fake_gcs;
 pub mod faults;
 pub mod tls;
+pub mod vcsim;
 
 #[allow(unused_imports)]
 pub use azurite::Azurite;
@@ -542,6 +543,11 @@ pub fn object_store_listing(extra: &[&str]) -> Vec<String> {
 pub fn assert_rate_holds(label: &str, file: &Path, size: u64, rate_mib: u64) {
     let (bytes, seconds) = timed_read(file);
     assert_eq!(bytes, size);
+    assert_rate_within(label, bytes, seconds, rate_mib);
+}
+
+/// `bytes` in `seconds` is `rate_mib` MiB/s within ±5%.
+pub fn assert_rate_within(label: &str, bytes: u64, seconds: f64, rate_mib: u64) {
     let achieved = bytes as f64 / seconds;
     let target = (rate_mib * MIB) as f64;
     eprintln!(

@@ -1,23 +1,20 @@
 //! A private test CA (openssl) and nginx terminating TLS in front of a
 //! plain-HTTP stand-in, for `cafile=` and certificate errors.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Child;
 
 use super::{free_port, require_tool, sh, spawn_nginx};
 
-pub struct TlsFront {
-    child: Child,
+/// A fresh test CA and a 2048-bit leaf for 127.0.0.1 it signed (CA:FALSE:
+/// rustls refuses a CA certificate as a server's).
+pub struct TestCa {
     dir: tempfile::TempDir,
-    pub port: u16,
 }
 
-impl TlsFront {
-    /// `https://127.0.0.1:PORT` forwarding to `http://127.0.0.1:upstream`,
-    /// with a 2048-bit leaf for 127.0.0.1 signed by a fresh test CA.
-    pub fn start(upstream: u16) -> TlsFront {
+impl TestCa {
+    pub fn new() -> TestCa {
         require_tool("openssl");
-        require_tool("nginx");
         let dir = tempfile::Builder::new()
             .prefix("vmx-tls-")
             .tempdir()
@@ -33,6 +30,40 @@ impl TlsFront {
              openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
                -extfile ext -out leaf.pem 2>/dev/null"
         ));
+        TestCa { dir }
+    }
+
+    /// The CA's certificate, as `cafile=` takes it.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    pub fn leaf_cert(&self) -> PathBuf {
+        self.dir.path().join("leaf.pem")
+    }
+
+    pub fn leaf_key(&self) -> PathBuf {
+        self.dir.path().join("leaf.key")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+pub struct TlsFront {
+    child: Child,
+    ca: TestCa,
+    pub port: u16,
+}
+
+impl TlsFront {
+    /// `https://127.0.0.1:PORT` forwarding to `http://127.0.0.1:upstream`,
+    /// with a leaf signed by a fresh test CA.
+    pub fn start(upstream: u16) -> TlsFront {
+        require_tool("nginx");
+        let ca = TestCa::new();
+        let d = ca.dir().display();
         let port = free_port();
         let config = format!(
             "daemon off; master_process off; user root; worker_processes 1;\n\
@@ -50,13 +81,13 @@ impl TlsFront {
                }}\n\
              }}\n"
         );
-        let child = spawn_nginx(dir.path(), &config, port);
-        TlsFront { child, dir, port }
+        let child = spawn_nginx(ca.dir(), &config, port);
+        TlsFront { child, ca, port }
     }
 
     /// The test CA's certificate, as `cafile=` takes it.
     pub fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
+        self.ca.ca_file()
     }
 
     pub fn url(&self) -> String {
