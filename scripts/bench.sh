@@ -7,9 +7,10 @@
 #   the same vs `rclone mount` of the same URL (when rclone is installed)
 #   demo:// through the mount
 #   achieved/target rate at rate=20M and rate=200M (http), rate=50M (s3, moto)
-#   gs:// (fake-gcs-server) and az:// (Azurite): unthrottled read through the
-#     mount vs curl straight from the stand-in (into a reader), and
-#     achieved/target at rate=50M
+#   gs:// (fake-gcs-server), az:// (Azurite) and vsphere:// (the govmomi
+#     simulator over TLS, tests/vcsim): unthrottled read through the mount vs
+#     curl straight from the stand-in (into a reader), and achieved/target at
+#     rate=50M
 #
 # Each throughput is the median of RUNS reads (default 3) of a 1 GiB file,
 # each through a fresh mount. Needs root (FUSE), nginx, curl; run
@@ -219,10 +220,54 @@ PY
     kill "$AZ_PID"
 fi
 
+# vSphere through the govmomi simulator (vmexportfs-vcsim, built by
+# scripts/install-test-deps.sh) over TLS with a private CA; curl signs in
+# over SOAP for the session cookie the datastore endpoint wants.
+VS_CURL= VS_MOUNT= R50VS=
+if command -v vmexportfs-vcsim >/dev/null && command -v openssl >/dev/null; then
+    V=$WORK/vcsim
+    mkdir -p "$V"
+    (cd "$V" &&
+        openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj '/CN=bench CA' -keyout ca.key -out ca.pem 2>/dev/null &&
+        openssl req -newkey rsa:2048 -nodes -subj '/CN=127.0.0.1' -keyout leaf.key -out leaf.csr 2>/dev/null &&
+        printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > ext &&
+        openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext -out leaf.pem 2>/dev/null)
+    VS_PORT=$(free_port)
+    vmexportfs-vcsim -listen "127.0.0.1:$VS_PORT" -cert "$V/leaf.pem" -key "$V/leaf.key" \
+        -user bench -password bench-pass -disk-mib "$SIZE_MIB" > "$V/startup.json" 2>/dev/null &
+    VS_PID=$!
+    for _ in $(seq 100); do [ -s "$V/startup.json" ] && break; sleep 0.1; done
+    DS=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["datastores"]["LocalDS_0"])' "$V/startup.json")
+    printf '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="vmfs"\nRW %d VMFS "disk1-flat.vmdk"\n' \
+        $((SIZE_MIB * 2048)) > "$DS/DC0_H0_VM1/disk1.vmdk"
+    cp "$WORK/www/disk.raw" "$DS/DC0_H0_VM1/disk1-flat.vmdk"
+    printf 'bench-pass\n' > "$V/pass"
+    chmod 600 "$V/pass"
+    VS=https://127.0.0.1:$VS_PORT
+    curl -sf --cacert "$V/ca.pem" -c "$V/cookies" -H 'Content-Type: text/xml' -H 'SOAPAction: urn:vim25/6.5' \
+        -d '<soapenv:Envelope xmlns:soapenv="http://schemas.xmlsoap.org/soap/envelope/"><soapenv:Body><Login xmlns="urn:vim25"><_this type="SessionManager">SessionManager</_this><userName>bench</userName><password>bench-pass</password></Login></soapenv:Body></soapenv:Envelope>' \
+        "$VS/sdk" >/dev/null
+    vs_curl=() vs_mount=()
+    for _ in $(seq "$RUNS"); do
+        vs_curl+=("$(curl -s --cacert "$V/ca.pem" -b "$V/cookies" "$VS/folder/DC0_H0_VM1/disk1-flat.vmdk?dcPath=DC0&dsName=LocalDS_0" |
+            dd of=/dev/null bs=1M iflag=fullblock 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')")
+        m=$(mount_vmx "vsphere://bench@127.0.0.1:$VS_PORT/DC0" "cafile=$V/ca.pem,credentials=$V/pass")
+        vs_mount+=("$(dd_rate "$m/DC0_H0_VM1/disk1-flat.vmdk")")
+        unmount "$m"
+    done
+    VS_CURL=$(printf '%s\n' "${vs_curl[@]}" | median)
+    VS_MOUNT=$(printf '%s\n' "${vs_mount[@]}" | median)
+    m=$(mount_vmx "vsphere://bench@127.0.0.1:$VS_PORT/DC0" "cafile=$V/ca.pem,credentials=$V/pass,rate=50M")
+    R50VS=$(dd_rate "$m/DC0_H0_VM1/disk1-flat.vmdk" "$THROTTLE_MIB")
+    unmount "$m"
+    kill "$VS_PID"
+fi
+
 awk -v curl="$CURL" -v curlnull="$CURL_NULL" -v mnt="$MOUNT" -v rclone="$RCLONE" -v demo="$DEMO" \
     -v r20="$R20" -v r200="$R200" -v r50s3="$R50S3" -v runs="$RUNS" -v size="$SIZE_MIB" \
     -v gscurl="$GS_CURL" -v gsmount="$GS_MOUNT" -v r50gs="$R50GS" \
-    -v azcurl="$AZ_CURL" -v azmount="$AZ_MOUNT" -v r50az="$R50AZ" '
+    -v azcurl="$AZ_CURL" -v azmount="$AZ_MOUNT" -v r50az="$R50AZ" \
+    -v vscurl="$VS_CURL" -v vsmount="$VS_MOUNT" -v r50vs="$R50VS" '
 function stand_in_rows(scheme, name, curl, mnt, r50,    t50) {
     if (mnt == "") {
         printf "| %s | %s not installed | | |\n", scheme, name
@@ -261,4 +306,5 @@ BEGIN {
     }
     stand_in_rows("gs://", "fake-gcs-server", gscurl, gsmount, r50gs)
     stand_in_rows("az://", "Azurite", azcurl, azmount, r50az)
+    stand_in_rows("vsphere://", "vcsim (TLS)", vscurl, vsmount, r50vs)
 }'
