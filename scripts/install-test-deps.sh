@@ -2,12 +2,13 @@
 # Installs what the tests need on a fresh Debian machine: FUSE's user tools,
 # nginx (the HTTP stand-in), moto (S3), Azurite (Azure Blob),
 # fake-gcs-server (GCS), the vSphere simulator (built from Debian's govmomi
-# library and tests/vcsim/main.go), rsync, and the tools the tests drive.
+# library and tests/vcsim/main.go), Redis (the fleet budget), rsync, and the
+# tools the tests drive (curl, script, setpriv).
 # Idempotent: packages already present are not fetched again.
 set -eu
 
 need_apt=
-for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm qemu-img:qemu-utils openssl:openssl go:golang-go; do
+for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm qemu-img:qemu-utils openssl:openssl go:golang-go redis-server:redis-server script:bsdutils setpriv:util-linux; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt="$need_apt ${tool#*:}"
 done
 
@@ -68,6 +69,12 @@ if [ ! -x "$vcsim_bin" ] || [ "$vcsim_src/main.go" -nt "$vcsim_bin" ]; then
 fi
 command -v vmexportfs-vcsim >/dev/null 2>&1 || { echo "install-test-deps: vmexportfs-vcsim not built" >&2; exit 1; }
 
+# The tests start their own Redis on free loopback ports; the packaged
+# service is not needed.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
+    systemctl stop redis-server || true
+fi
+
 # The distribution's nginx service would hold port 80; the tests start their
 # own nginx on free loopback ports and need none running.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet nginx 2>/dev/null; then
@@ -76,4 +83,4 @@ fi
 
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 [ -e /dev/fuse ] || { echo "install-test-deps: /dev/fuse is missing" >&2; exit 1; }
-echo "install-test-deps: fuse3, nginx, moto, azurite, fake-gcs-server, vmexportfs-vcsim, rsync, curl present"
+echo "install-test-deps: fuse3, nginx, moto, azurite, fake-gcs-server, vmexportfs-vcsim, redis-server, rsync, curl present"

@@ -19,7 +19,7 @@ use fuser::{
 
 use crate::error::FsError;
 use crate::fs::{Attr, FsCore, Kind};
-use crate::read::Started;
+use crate::read::{Opener, Started};
 
 /// The inventory does not change under a mount, so the kernel may keep
 /// names and attributes for a while; sizes are refreshed at open anyway.
@@ -186,10 +186,11 @@ impl fuser::Filesystem for FuseAdapter {
         reply.error(Errno::EROFS);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let core = Arc::clone(&self.core);
+        let pid = req.pid();
         self.runtime.spawn(async move {
-            match core.open(ino.0, flags.0).await {
+            match core.open(ino.0, flags.0, Opener::of_pid(pid)).await {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
                 Err(err) => reply.error(errno(&err)),
             }

@@ -7,6 +7,7 @@
 //! never knows about inodes or tokens.
 
 pub mod cli;
+pub mod control;
 pub mod error;
 pub mod fs;
 pub mod fuse;

@@ -6,16 +6,19 @@
 //! the mount is read-only either way. Anything else unknown is an error that
 //! names the option.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::size::{parse_size, SizeError};
+use crate::throttle::fleet::FleetConfig;
+use crate::throttle::priority::Priorities;
+use crate::throttle::schedule::Schedule;
+use crate::throttle::Limit;
 
 /// Default memory for cached and read-ahead data, all files together.
 pub const DEFAULT_CACHE: u64 = 256 << 20;
-/// Smallest automatic burst: small enough to keep the rate smooth, large
-/// enough that one token wait covers a useful fetch.
-pub const MIN_AUTO_BURST: u64 = 64 << 10;
+pub use crate::throttle::MIN_AUTO_BURST;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum OptionError {
@@ -33,8 +36,10 @@ pub enum OptionError {
         value: String,
         expected: &'static str,
     },
-    #[error("option '{0}' is not supported by this version of vmexportfs yet")]
-    NotYetSupported(String),
+    #[error("option '{name}': {reason}")]
+    Invalid { name: String, reason: String },
+    #[error("config file {path}: {reason}")]
+    ConfigFile { path: String, reason: String },
     #[error("option '{0}' is refused: a password would show in /proc/mounts and ps; put it in credentials=FILE (mode 600) or VSPHERE_PASSWORD")]
     Secret(String),
 }
@@ -74,6 +79,38 @@ pub struct MountOptions {
     pub stall_timeout: Duration,
     /// vSphere: read each VM's disks from a snapshot taken at first open.
     pub snapshot: bool,
+    /// Timetable of mount rates (local time).
+    pub schedule: Option<Schedule>,
+    /// Cap of each open file, inside the mount's limit.
+    pub file_rate: Option<u64>,
+    /// Weights of readers under contention, by path pattern.
+    pub priority: Priorities,
+    /// The fleet budget shared through Redis.
+    pub fleet: Option<FleetConfig>,
+    /// Where the control socket goes; `None`: the default place.
+    pub control: Control,
+    /// Where the Prometheus endpoint listens; `None`: nowhere.
+    pub metrics: Option<SocketAddr>,
+    /// The config file the options came from (absolute), re-read on SIGHUP.
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Control {
+    /// Under /run/vmexportfs/ (root) or the user's runtime directory.
+    #[default]
+    Default,
+    At(PathBuf),
+    Off,
+}
+
+/// The fleet options as given, checked together once all are read.
+#[derive(Debug, Default)]
+struct FleetParts {
+    url: Option<String>,
+    key: Option<String>,
+    rate: Option<u64>,
+    fallback: Option<u64>,
 }
 
 /// Long enough for a congested WAN link to recover, short enough that a
@@ -104,6 +141,13 @@ impl Default for MountOptions {
             log: None,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             snapshot: false,
+            schedule: None,
+            file_rate: None,
+            priority: Priorities::default(),
+            fleet: None,
+            control: Control::Default,
+            metrics: None,
+            config: None,
         }
     }
 }
@@ -111,30 +155,72 @@ impl Default for MountOptions {
 impl MountOptions {
     /// The token bucket depth in force: `auto` is max(rate/10, 64K).
     pub fn effective_burst(&self) -> Option<u64> {
-        let rate = self.rate?;
-        Some(match self.burst {
-            Burst::Auto => (rate / 10).max(MIN_AUTO_BURST),
-            Burst::Bytes(bytes) => bytes.max(1),
-        })
+        Some(self.limit_for(self.rate?).burst)
+    }
+
+    /// The mount limit for `rate` with this mount's `burst=`.
+    pub fn limit_for(&self, rate: u64) -> Limit {
+        match self.burst {
+            Burst::Auto => Limit::auto(rate),
+            Burst::Bytes(bytes) => Limit {
+                rate: rate.max(1),
+                burst: bytes.max(1),
+            },
+        }
+    }
+
+    /// The mount limit from `rate=` alone (`None`: unlimited).
+    pub fn rate_limit(&self) -> Option<Limit> {
+        self.rate.map(|rate| self.limit_for(rate))
+    }
+
+    /// The per-file cap from `file_rate=`.
+    pub fn file_limit(&self) -> Option<Limit> {
+        self.file_rate.map(Limit::auto)
     }
 
     /// Parses one or more `-o` strings (each comma-separated), later values
-    /// overriding earlier ones as mount(8) does.
+    /// overriding earlier ones as mount(8) does. With `config=FILE`, the
+    /// file's options come first and the command line's override them.
     pub fn parse<'a>(groups: impl IntoIterator<Item = &'a str>) -> Result<Self, OptionError> {
+        let items = split_items(groups);
         let mut options = MountOptions::default();
-        for group in groups {
-            for item in group.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                let (name, value) = match item.split_once('=') {
-                    Some((name, value)) => (name.trim(), Some(value.trim())),
-                    None => (item, None),
-                };
-                options.apply(name, value)?;
+        let mut fleet = FleetParts::default();
+        let config = items
+            .iter()
+            .rev()
+            .find(|(name, _)| name == "config")
+            .map(|(_, value)| value.clone());
+        if let Some(config) = config {
+            let path = match config.as_deref() {
+                Some(path) if !path.is_empty() => absolute(Path::new(path)),
+                _ => return Err(OptionError::MissingValue("config".into())),
+            };
+            for (name, value) in read_config_file(&path)? {
+                options
+                    .apply(&name, value.as_deref(), &mut fleet)
+                    .map_err(|err| OptionError::ConfigFile {
+                        path: path.display().to_string(),
+                        reason: err.to_string(),
+                    })?;
+            }
+            options.config = Some(path);
+        }
+        for (name, value) in &items {
+            if name != "config" {
+                options.apply(name, value.as_deref(), &mut fleet)?;
             }
         }
+        options.fleet = fleet.finish()?;
         Ok(options)
     }
 
-    fn apply(&mut self, name: &str, value: Option<&str>) -> Result<(), OptionError> {
+    fn apply(
+        &mut self,
+        name: &str,
+        value: Option<&str>,
+        fleet: &mut FleetParts,
+    ) -> Result<(), OptionError> {
         let need = |value: Option<&str>| -> Result<String, OptionError> {
             match value {
                 Some(v) if !v.is_empty() => Ok(v.to_string()),
@@ -152,6 +238,10 @@ impl MountOptions {
                 name: name.to_string(),
                 reason,
             })
+        };
+        let invalid = |reason: String| OptionError::Invalid {
+            name: name.to_string(),
+            reason,
         };
         let number = |value: Option<&str>, radix: u32, expected: &'static str| {
             let text = need(value)?;
@@ -244,9 +334,56 @@ impl MountOptions {
                 }
             }
             "password" | "pass" | "passwd" => return Err(OptionError::Secret(name.to_string())),
-            "schedule" | "file_rate" | "priority" | "fleet" | "fleet_key" | "fleet_rate"
-            | "fleet_fallback" | "control" | "metrics" => {
-                return Err(OptionError::NotYetSupported(name.to_string()))
+            "schedule" => {
+                let text = need(value)?;
+                self.schedule = match text.as_str() {
+                    "off" | "none" => None,
+                    _ => Some(Schedule::parse(&text).map_err(|err| invalid(err.to_string()))?),
+                }
+            }
+            "file_rate" => {
+                self.file_rate = match need(value)?.as_str() {
+                    "off" | "0" => None,
+                    _ => Some(size(value)?).filter(|&r| r > 0),
+                }
+            }
+            "priority" => {
+                let text = need(value)?;
+                self.priority.add_list(&text).map_err(&invalid)?;
+            }
+            "fleet" => fleet.url = Some(need(value)?),
+            "fleet_key" => {
+                let key = need(value)?;
+                if !key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+                {
+                    return Err(invalid(format!(
+                        "'{key}' is not a key name: use letters, digits, '-', '_', '.', ':'"
+                    )));
+                }
+                fleet.key = Some(key);
+            }
+            "fleet_rate" => fleet.rate = Some(size(value)?).filter(|&r| r > 0),
+            "fleet_fallback" => fleet.fallback = Some(size(value)?).filter(|&r| r > 0),
+            "control" => {
+                self.control = match need(value)?.as_str() {
+                    "off" | "none" => Control::Off,
+                    path => Control::At(absolute(Path::new(path))),
+                }
+            }
+            "metrics" => {
+                let text = need(value)?;
+                let with_host = if text.parse::<u16>().is_ok() {
+                    format!("127.0.0.1:{text}")
+                } else {
+                    text.clone()
+                };
+                self.metrics = Some(with_host.parse().map_err(|_| OptionError::BadValue {
+                    name: name.to_string(),
+                    value: text,
+                    expected: "ADDRESS:PORT, e.g. 127.0.0.1:9477",
+                })?);
             }
             // mount(8) and systemd options: theirs, not ours.
             "defaults" | "auto" | "noauto" | "user" | "nouser" | "users" | "nousers"
@@ -265,6 +402,119 @@ impl MountOptions {
         }
         Ok(())
     }
+}
+
+impl FleetParts {
+    fn finish(self) -> Result<Option<FleetConfig>, OptionError> {
+        let Some(url) = self.url else {
+            for (given, name) in [
+                (self.key.is_some(), "fleet_key"),
+                (self.rate.is_some(), "fleet_rate"),
+                (self.fallback.is_some(), "fleet_fallback"),
+            ] {
+                if given {
+                    return Err(OptionError::Invalid {
+                        name: name.into(),
+                        reason: "needs fleet=redis://HOST:PORT/DB".into(),
+                    });
+                }
+            }
+            return Ok(None);
+        };
+        let rate = self.rate.ok_or_else(|| OptionError::Invalid {
+            name: "fleet".into(),
+            reason: "needs fleet_rate=SIZE, the budget all mounts of the key share".into(),
+        })?;
+        Ok(Some(FleetConfig {
+            url,
+            key: self.key.unwrap_or_else(|| "default".into()),
+            rate,
+            fallback: self.fallback,
+        }))
+    }
+}
+
+/// `a=b,c` groups into (name, value) items. A `priority=` list may go on
+/// after commas (`priority=db-*:4,web-*:2`): an item without `=` that
+/// follows it and looks like `PATTERN:WEIGHT` belongs to it.
+fn split_items<'a>(groups: impl IntoIterator<Item = &'a str>) -> Vec<(String, Option<String>)> {
+    let mut items: Vec<(String, Option<String>)> = Vec::new();
+    for group in groups {
+        for item in group.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match item.split_once('=') {
+                Some((name, value)) => {
+                    items.push((name.trim().to_string(), Some(value.trim().to_string())))
+                }
+                None => {
+                    if let Some((name, Some(list))) = items.last_mut() {
+                        if name == "priority" && looks_like_priority(item) {
+                            list.push(',');
+                            list.push_str(item);
+                            continue;
+                        }
+                    }
+                    items.push((item.to_string(), None));
+                }
+            }
+        }
+    }
+    items
+}
+
+fn looks_like_priority(item: &str) -> bool {
+    item.rsplit_once(':')
+        .is_some_and(|(pattern, weight)| !pattern.is_empty() && weight.parse::<u32>().is_ok())
+}
+
+/// Relative paths are taken from the directory the command ran in (the
+/// daemon later moves to `/`).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// A config file: one option a line, `name = value` or `name`; `#` starts
+/// a comment line. `schedule` lines add entries to one timetable.
+fn read_config_file(path: &Path) -> Result<Vec<(String, Option<String>)>, OptionError> {
+    let text = std::fs::read_to_string(path).map_err(|err| OptionError::ConfigFile {
+        path: path.display().to_string(),
+        reason: err.to_string(),
+    })?;
+    let mut items: Vec<(String, Option<String>)> = Vec::new();
+    let mut schedule: Vec<String> = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, value) = match line.split_once('=') {
+            Some((name, value)) => (name.trim(), Some(value.trim().to_string())),
+            None => (line, None),
+        };
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(OptionError::ConfigFile {
+                path: path.display().to_string(),
+                reason: format!(
+                    "line {}: expected 'name = value', found '{line}'",
+                    number + 1
+                ),
+            });
+        }
+        if name == "config" {
+            return Err(OptionError::ConfigFile {
+                path: path.display().to_string(),
+                reason: format!("line {}: a config file cannot name another", number + 1),
+            });
+        }
+        if name == "schedule" {
+            schedule.push(value.unwrap_or_default());
+        } else {
+            items.push((name.to_string(), value));
+        }
+    }
+    if !schedule.is_empty() {
+        items.push(("schedule".into(), Some(schedule.join("\n"))));
+    }
+    Ok(items)
 }
 
 #[cfg(test)]

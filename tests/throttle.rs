@@ -8,16 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn assert_within(achieved: f64, target: f64, tolerance: f64, what: &str) {
-    let ratio = achieved / target;
-    eprintln!(
-        "measured: {what}: {achieved:.0} B/s = {:.2}% of {target:.0} B/s",
-        ratio * 100.0
-    );
-    assert!(
-        (ratio - 1.0).abs() <= tolerance,
-        "{what}: {achieved:.0} B/s is {:.1}% of {target:.0} B/s",
-        ratio * 100.0
-    );
+    common::progress::assert_near(what, achieved, target, tolerance);
 }
 
 #[test]

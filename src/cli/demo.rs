@@ -17,7 +17,8 @@ use crate::size::HumanBytes;
 pub fn run(rate: &str, disk: &str) -> anyhow::Result<()> {
     // A small bucket, so that the achieved rate shown is the limit itself
     // rather than the limit plus the initial burst spread over the copy.
-    let options = MountOptions::parse([format!("rate={rate},burst=1M").as_str()])?;
+    // The demo's mountpoint is temporary: no control socket for it.
+    let options = MountOptions::parse([format!("rate={rate},burst=1M,control=off").as_str()])?;
     let (vm, name) = disk
         .split_once('/')
         .ok_or_else(|| anyhow!("--disk wants VM/DISK, e.g. web-01/web-01-disk0.vmdk"))?;
@@ -46,7 +47,7 @@ pub fn run(rate: &str, disk: &str) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let mounted = mount("demo://", &mountpoint, &options, runtime.handle())?;
+    let mounted = mount("demo://", &mountpoint, &options, &[], runtime.handle())?;
     println!("{}", mounted.summary());
     let copy = workdir.path().join(name);
     let result = copy_with_progress(&mountpoint.join(vm).join(name), &copy, size);

@@ -1,5 +1,7 @@
-//! The command line: `mount`, `ls`, `demo`.
+//! The command line: `mount`, `ls`, `demo`, and `rate`, `status`, `top`
+//! for a running mount.
 
+mod control;
 mod demo;
 mod ls;
 pub mod mount;
@@ -13,8 +15,8 @@ use clap::{Parser, Subcommand};
     name = "vmexportfs",
     version,
     about = "Mount a VM inventory read-only and export its disks through one rate limit",
-    after_help = "Sources: demo://, dir:///path, hyperv:///path, http(s)://host/manifest.json\n\
-                  Options (-o): rate=SIZE, burst=SIZE|auto, cache=SIZE, uid=, gid=, umask=, allow_other, ...\n\
+    after_help = "Sources: demo://, dir:///path, hyperv:///path, http(s)://host/manifest.json, s3://, az://, gs://, vsphere://\n\
+                  Options (-o): rate=SIZE, burst=SIZE|auto, cache=SIZE, schedule=, file_rate=, priority=, fleet=, control=, metrics=, ...\n\
                   See docs/options.md."
 )]
 struct Cli {
@@ -43,6 +45,26 @@ enum Command {
         #[arg(short = 'o', value_name = "OPTIONS")]
         options: Vec<String>,
     },
+    /// Show or change a running mount's limit: RATE, RATE:BURST or off
+    Rate {
+        /// The mountpoint (or its control socket)
+        mountpoint: PathBuf,
+        /// New limit, e.g. 50M, 50M:5M, 400Mbit, off
+        limit: Option<String>,
+    },
+    /// Limits, totals, and each open file with its reading process
+    Status {
+        /// The mountpoint (or its control socket)
+        mountpoint: PathBuf,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// The status, live, refreshed every second (q quits)
+    Top {
+        /// The mountpoint (or its control socket)
+        mountpoint: PathBuf,
+    },
     /// Mount the built-in demo inventory, copy one disk at a visible rate, unmount
     Demo {
         /// Rate of the demo copy
@@ -67,6 +89,9 @@ pub fn main() -> i32 {
             .and_then(|source| mount::run(&source, &mountpoint, &options, foreground)),
         Command::Ls { source, options } => ls::run(&source, &options),
         Command::Demo { rate, disk } => demo::run(&rate, &disk),
+        Command::Rate { mountpoint, limit } => control::rate(&mountpoint, limit.as_deref()),
+        Command::Status { mountpoint, json } => control::status(&mountpoint, json),
+        Command::Top { mountpoint } => control::top(&mountpoint),
     };
     match result {
         Ok(()) => 0,

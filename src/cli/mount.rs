@@ -18,12 +18,15 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context};
 use fuser::{MountOption, SessionACL};
 
+use crate::control::socket::{self, ControlSocket};
+use crate::control::{describe_limit, metrics, Controller};
 use crate::fs::{FsCore, Ownership};
 use crate::fuse::FuseAdapter;
-use crate::options::MountOptions;
+use crate::options::{Control, MountOptions};
 use crate::provider::{open_source, redact_url};
 use crate::read::{ReadConfig, ReadPath};
 use crate::size::HumanBytes;
+use crate::throttle::fleet::Fleet;
 use crate::throttle::Throttle;
 
 const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
@@ -38,6 +41,9 @@ const PROVIDER_CLOSE_TIMEOUT: Duration = Duration::from_secs(600);
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
     core: Arc<FsCore>,
+    controller: Option<Arc<Controller>>,
+    /// Removed when the mount goes.
+    control_socket: Option<ControlSocket>,
     mountpoint: PathBuf,
     summary: String,
 }
@@ -58,6 +64,7 @@ impl Mounted {
     /// Stops every fetch and unmounts, lazily if the mount is busy; then
     /// lets the provider clean up on its side (snapshots, sessions).
     pub fn unmount(mut self, runtime: &tokio::runtime::Handle) -> anyhow::Result<()> {
+        self.control_socket.take();
         self.core.shutdown();
         let result = match self.session.take() {
             None => Ok(()),
@@ -163,21 +170,26 @@ pub fn mount(
     source: &str,
     mountpoint: &Path,
     options: &MountOptions,
+    option_groups: &[String],
     runtime: &tokio::runtime::Handle,
 ) -> anyhow::Result<Mounted> {
     if options.rw_requested {
         tracing::warn!("option 'rw' ignored: vmexportfs mounts are always read-only");
     }
+    let throttle = {
+        let _runtime = runtime.enter();
+        Throttle::new(options.rate_limit())
+    };
+    // The fleet first: an unreachable Redis fails the mount before the
+    // provider is even asked.
+    let fleet = match &options.fleet {
+        Some(config) => Some(runtime.block_on(Fleet::start(config.clone(), &throttle))?),
+        None => None,
+    };
     let provider = runtime.block_on(open_source(source, options))?;
-    let throttle = options.rate.map(|rate| {
-        Arc::new(Throttle::new(
-            rate,
-            options.effective_burst().unwrap_or(rate),
-        ))
-    });
     let read_path = ReadPath::new(
         provider.clone(),
-        throttle.clone(),
+        Arc::clone(&throttle),
         ReadConfig {
             memory: options.cache,
             ..ReadConfig::default()
@@ -223,7 +235,9 @@ pub fn mount(
     })?;
     let mut mounted = Mounted {
         session: Some(session),
-        core,
+        core: Arc::clone(&core),
+        controller: None,
+        control_socket: None,
         mountpoint: mountpoint.to_path_buf(),
         summary: String::new(),
     };
@@ -232,29 +246,94 @@ pub fn mount(
         return Err(err);
     }
     raise_kernel_read_ahead(mountpoint);
-    let summary = summary_line(source, mountpoint, options, throttle.as_deref());
+    let controller = Controller::new(
+        redact_url(source),
+        mountpoint.to_path_buf(),
+        core,
+        fleet,
+        options.clone(),
+        option_groups.to_vec(),
+    );
+    mounted.controller = Some(Arc::clone(&controller));
+    let served = runtime.block_on(serve_control(&controller, mountpoint, options));
+    let endpoints = match served {
+        Ok((socket, endpoints)) => {
+            mounted.control_socket = socket;
+            endpoints
+        }
+        Err(err) => {
+            let _ = mounted.unmount(runtime);
+            return Err(err);
+        }
+    };
+    let summary = summary_line(source, mountpoint, options, &throttle, &endpoints);
     tracing::info!("{summary}");
     mounted.summary = summary;
     Ok(mounted)
+}
+
+/// Starts the controller's tasks, the control socket and the metrics
+/// endpoint; returns the socket and a note of where they listen.
+async fn serve_control(
+    controller: &Arc<Controller>,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> anyhow::Result<(Option<ControlSocket>, String)> {
+    controller.spawn_tasks();
+    let mut endpoints = String::new();
+    let default = socket::default_path(mountpoint);
+    let socket = match &options.control {
+        Control::Off => None,
+        Control::At(path) => Some(socket::bind(path, &default).await?),
+        Control::Default => match socket::bind(&default, &default).await {
+            Ok(bound) => Some(bound),
+            Err(err) => {
+                tracing::warn!("{err:#}; vmexportfs rate/status/top will not reach this mount");
+                None
+            }
+        },
+    };
+    let socket = socket.map(|(listener, socket)| {
+        tokio::spawn(socket::serve(listener, Arc::clone(controller)));
+        endpoints.push_str(&format!(", control {}", socket.path().display()));
+        socket
+    });
+    if let Some(addr) = options.metrics {
+        let listener = metrics::bind(addr).await?;
+        endpoints.push_str(&format!(", metrics http://{addr}/metrics"));
+        tokio::spawn(metrics::serve(listener, Arc::clone(controller)));
+    }
+    Ok((socket, endpoints))
 }
 
 fn summary_line(
     source: &str,
     mountpoint: &Path,
     options: &MountOptions,
-    throttle: Option<&Throttle>,
+    throttle: &Throttle,
+    endpoints: &str,
 ) -> String {
-    let limit = match throttle {
-        Some(throttle) => format!(
-            "rate {} B/s ({}/s), burst {} B",
-            throttle.rate(),
-            HumanBytes(throttle.rate()),
-            throttle.burst()
-        ),
-        None => "rate unlimited".to_string(),
-    };
+    let mut limit = format!("rate {}", describe_limit(throttle.limit()));
+    if let Some(schedule) = &options.schedule {
+        limit.push_str(&format!(" (timetable: {schedule})"));
+    }
+    if let Some(file_rate) = options.file_rate {
+        limit.push_str(&format!(
+            ", each file at most {file_rate} B/s ({}/s)",
+            HumanBytes(file_rate)
+        ));
+    }
+    if let Some(fleet) = &options.fleet {
+        limit.push_str(&format!(
+            ", fleet '{}' {} B/s ({}/s) at {}",
+            fleet.key,
+            fleet.rate,
+            HumanBytes(fleet.rate),
+            fleet.url
+        ));
+    }
     format!(
-        "mounted {} on {} read-only: {limit}, cache {} B ({})",
+        "mounted {} on {} read-only: {limit}, cache {} B ({}){endpoints}",
         redact_url(source),
         mountpoint.display(),
         options.cache,
@@ -297,15 +376,22 @@ fn raise_kernel_read_ahead(mountpoint: &Path) {
     }
 }
 
-/// Serves until unmounted or told to stop (SIGTERM, SIGINT).
+/// Serves until unmounted or told to stop (SIGTERM, SIGINT); SIGHUP
+/// re-reads the config file.
 async fn serve_until_done(mounted: &Mounted) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut hangup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: unmounting"); return Ok(()) }
             _ = interrupt.recv() => { tracing::info!("SIGINT: unmounting"); return Ok(()) }
+            _ = hangup.recv() => {
+                if let Some(controller) = &mounted.controller {
+                    controller.reload();
+                }
+            }
             _ = tokio::time::sleep(Duration::from_millis(200)) => {
                 if mounted.is_finished() {
                     tracing::info!("unmounted");
@@ -336,7 +422,13 @@ pub fn run(
     if foreground {
         super::init_stderr_logging();
         let runtime = build_runtime()?;
-        let mounted = mount(source, &mountpoint, &options, runtime.handle())?;
+        let mounted = mount(
+            source,
+            &mountpoint,
+            &options,
+            option_groups,
+            runtime.handle(),
+        )?;
         let served = runtime.block_on(serve_until_done(&mounted));
         mounted.unmount(runtime.handle())?;
         return served;
@@ -353,7 +445,14 @@ pub fn run(
         0 => {
             drop(read_end);
             let mut ready = std::fs::File::from(write_end);
-            let status = match run_daemon(source, &mountpoint, &options, &log_path, &mut ready) {
+            let status = match run_daemon(
+                source,
+                &mountpoint,
+                &options,
+                option_groups,
+                &log_path,
+                &mut ready,
+            ) {
                 Ok(()) => 0,
                 Err(err) => {
                     let _ = writeln!(ready, "ERR {}", one_line(&format!("{err:#}")));
@@ -389,6 +488,7 @@ fn run_daemon(
     source: &str,
     mountpoint: &Path,
     options: &MountOptions,
+    option_groups: &[String],
     log_path: &Path,
     ready: &mut std::fs::File,
 ) -> anyhow::Result<()> {
@@ -399,7 +499,7 @@ fn run_daemon(
     init_file_logging(log_path)?;
     detach_stdio()?;
     let runtime = build_runtime()?;
-    let mounted = mount(source, mountpoint, options, runtime.handle())?;
+    let mounted = mount(source, mountpoint, options, option_groups, runtime.handle())?;
     writeln!(ready, "OK {}", mounted.summary())?;
     drop(std::mem::replace(ready, std::fs::File::open("/dev/null")?));
     let result = runtime.block_on(serve_until_done(&mounted));

@@ -16,7 +16,8 @@ use std::time::SystemTime;
 
 use crate::error::FsError;
 use crate::provider::{Provider, ProviderError};
-use crate::read::{FileReader, ReadPath, Started};
+use crate::read::{FileReader, Opener, ReadPath, Started};
+use crate::throttle::priority::Priorities;
 use tree::{NodeKind, Tree};
 
 pub use tree::ROOT_INO;
@@ -183,7 +184,7 @@ impl FsCore {
     }
 
     /// Opens a file for reading, pinning the disk's current version.
-    pub async fn open(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
+    pub async fn open(&self, ino: u64, flags: i32, opener: Opener) -> Result<u64, FsError> {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             return Err(FsError::ReadOnly);
         }
@@ -203,12 +204,17 @@ impl FsCore {
         let pinned = async {
             let (current_size, version) = self
                 .read_path
-                .retrying(&path, "open", || self.provider.stat(disk))
+                .retrying(&path, "open", || {
+                    self.read_path.calls.timed("stat", self.provider.stat(disk))
+                })
                 .await?;
             let data = self
                 .read_path
                 .retrying(&path, "open", || {
-                    self.provider.data_ranges(disk, &version, current_size)
+                    self.read_path.calls.timed(
+                        "data_ranges",
+                        self.provider.data_ranges(disk, &version, current_size),
+                    )
                 })
                 .await?;
             Ok::<_, ProviderError>((current_size, version, data))
@@ -228,9 +234,15 @@ impl FsCore {
         if listed != current_size {
             tracing::info!(%path, listed, current_size, "disk size changed since it was listed");
         }
-        let reader = self
-            .read_path
-            .open(ino, Arc::clone(disk), version, current_size, path, data);
+        let reader = self.read_path.open(
+            ino,
+            Arc::clone(disk),
+            version,
+            current_size,
+            path,
+            data,
+            opener,
+        );
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles
             .write()
@@ -246,6 +258,27 @@ impl FsCore {
             .get(&fh)
             .cloned()
             .ok_or(FsError::BadHandle)
+    }
+
+    /// Every open file, by handle.
+    pub fn open_files(&self) -> Vec<(u64, Arc<FileReader>)> {
+        let mut files: Vec<_> = self
+            .handles
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .map(|(&fh, reader)| (fh, Arc::clone(reader)))
+            .collect();
+        files.sort_by_key(|(fh, _)| *fh);
+        files
+    }
+
+    /// New weights, for open files too.
+    pub fn set_priorities(&self, priorities: Priorities) {
+        for (_, reader) in self.open_files() {
+            reader.set_weight(priorities.weight_for(reader.path()));
+        }
+        self.read_path.set_priorities(priorities);
     }
 
     /// Starts a read; see [`ReadPath::start`].

@@ -75,6 +75,33 @@ pub enum ProviderError {
 }
 
 impl ProviderError {
+    /// Every [`ProviderError::kind`], in a fixed order (metrics labels).
+    pub const KINDS: [&'static str; 8] = [
+        "changed",
+        "not_found",
+        "denied",
+        "unauthorized",
+        "unreachable",
+        "protocol",
+        "io",
+        "config",
+    ];
+
+    /// A short label for the kind of failure, one of [`ProviderError::KINDS`].
+    pub fn kind(&self) -> &'static str {
+        let index = match self {
+            ProviderError::Changed { .. } => 0,
+            ProviderError::NotFound(_) => 1,
+            ProviderError::Denied(_) => 2,
+            ProviderError::Unauthorized(_) => 3,
+            ProviderError::Unreachable(_) => 4,
+            ProviderError::Protocol(_) => 5,
+            ProviderError::Io(_) => 6,
+            ProviderError::Config(_) => 7,
+        };
+        Self::KINDS[index]
+    }
+
     /// Worth another try after a pause: timeouts, resets, 5xx, throttling.
     pub fn is_transient(&self) -> bool {
         match self {

@@ -20,13 +20,14 @@
 //! cancels them, including their place in the throttle queue.
 
 pub mod cache;
+pub mod calls;
 pub mod prefetch;
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -35,8 +36,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::FsError;
 use crate::provider::{DiskEntry, Provider, ProviderError, Version};
+use crate::throttle::priority::Priorities;
 use crate::throttle::{Flow, Throttle};
 use cache::{BlockCache, BlockKey};
+use calls::ProviderCalls;
 use prefetch::Sequential;
 
 #[derive(Debug, Clone)]
@@ -87,6 +90,25 @@ pub struct Stats {
     pub retries: AtomicU64,
     /// Blocks served as zeros from a hole, never fetched.
     pub hole_blocks: AtomicU64,
+    /// Fetches running now (in the throttle queue or at the provider).
+    pub fetches_in_flight: AtomicU64,
+}
+
+/// The process that opened a file, as the kernel told us at open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Opener {
+    pub pid: u32,
+    /// Its command name (`/proc/PID/comm`), if it could be read.
+    pub command: String,
+}
+
+impl Opener {
+    pub fn of_pid(pid: u32) -> Self {
+        let command = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .map(|comm| comm.trim_end().to_string())
+            .unwrap_or_default();
+        Opener { pid, command }
+    }
 }
 
 /// Block `i` of a span fetched from a block boundary (a slice, no copy).
@@ -154,14 +176,20 @@ impl PendingRead {
         let base = first * path.config.block_size;
         let first_block = path.resolve(&reader, first, first_lookup).await?;
         if rest.is_empty() {
-            return Ok(path.cut(std::slice::from_ref(&first_block), base, offset, end));
+            return Ok(path.cut(
+                &reader,
+                std::slice::from_ref(&first_block),
+                base,
+                offset,
+                end,
+            ));
         }
         let mut blocks = Vec::with_capacity(rest.len() + 1);
         blocks.push(first_block);
         for (index, lookup) in (first + 1..).zip(rest) {
             blocks.push(path.resolve(&reader, index, lookup).await?);
         }
-        Ok(path.cut(&blocks, base, offset, end))
+        Ok(path.cut(&reader, &blocks, base, offset, end))
     }
 }
 
@@ -180,12 +208,46 @@ pub struct FileReader {
     readers_of_version: Arc<AtomicUsize>,
     /// Where the data is, when the provider knows the disk is sparse.
     data: Option<Vec<Range<u64>>>,
+    opener: Opener,
+    opened: Instant,
+    /// Bytes returned to this open file's readers.
+    served: AtomicU64,
 }
 
 impl FileReader {
     /// The disk this reader reads.
     pub fn disk(&self) -> &DiskEntry {
         &self.disk
+    }
+
+    /// Path inside the mount.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn opener(&self) -> &Opener {
+        &self.opener
+    }
+
+    pub fn opened(&self) -> Instant {
+        self.opened
+    }
+
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Its weight in the throttle's fair queue.
+    pub fn weight(&self) -> u32 {
+        self.flow.weight()
+    }
+
+    pub fn set_weight(&self, weight: u32) {
+        self.flow.set_weight(weight);
     }
     /// Whether `[start, end)` holds no data at all.
     fn is_hole(&self, start: u64, end: u64) -> bool {
@@ -248,7 +310,8 @@ impl FileReader {
 
 pub struct ReadPath {
     provider: Arc<dyn Provider>,
-    throttle: Option<Arc<Throttle>>,
+    throttle: Arc<Throttle>,
+    priorities: RwLock<Priorities>,
     cache: BlockCache,
     inflight: Mutex<HashMap<BlockKey, SharedFetch>>,
     /// Bounds the buffers of fetches in flight, one permit per block.
@@ -261,6 +324,8 @@ pub struct ReadPath {
     readers_per_version: Mutex<HashMap<u64, Arc<AtomicUsize>>>,
     shutdown: CancellationToken,
     pub stats: Stats,
+    /// Provider requests by operation: counts, latencies, errors.
+    pub calls: ProviderCalls,
 }
 
 /// Identifies a disk at one version, so blocks of two versions never mix.
@@ -275,7 +340,7 @@ fn file_key(ino: u64, version: &Version) -> u64 {
 impl ReadPath {
     pub fn new(
         provider: Arc<dyn Provider>,
-        throttle: Option<Arc<Throttle>>,
+        throttle: Arc<Throttle>,
         config: ReadConfig,
     ) -> Arc<Self> {
         // A quarter of the memory for buffers being filled, the rest for
@@ -289,6 +354,7 @@ impl ReadPath {
         Arc::new(ReadPath {
             provider,
             throttle,
+            priorities: RwLock::new(Priorities::default()),
             cache: BlockCache::new(cache_capacity),
             inflight: Mutex::new(HashMap::new()),
             fetch_slots: Arc::new(Semaphore::new(slots as usize)),
@@ -299,7 +365,33 @@ impl ReadPath {
             readers_per_version: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             stats: Stats::default(),
+            calls: ProviderCalls::default(),
         })
+    }
+
+    pub fn throttle(&self) -> &Arc<Throttle> {
+        &self.throttle
+    }
+
+    /// Weights for files opened from now on (open ones: [`FileReader`]
+    /// weights are set by the caller, which knows them).
+    pub fn set_priorities(&self, priorities: Priorities) {
+        *self
+            .priorities
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = priorities;
+    }
+
+    /// The weight `path` gets under the priorities in force.
+    pub fn weight_for(&self, path: &str) -> u32 {
+        self.priorities
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .weight_for(path)
+    }
+
+    pub fn open_files(&self) -> usize {
+        self.open_files.load(Ordering::Relaxed)
     }
 
     /// Cancels every fetch of every file: the mount is going away.
@@ -307,6 +399,7 @@ impl ReadPath {
         self.shutdown.cancel();
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         &self,
         ino: u64,
@@ -315,6 +408,7 @@ impl ReadPath {
         size: u64,
         path: String,
         data: Option<Vec<Range<u64>>>,
+        opener: Opener,
     ) -> Arc<FileReader> {
         self.open_files.fetch_add(1, Ordering::Relaxed);
         let key = file_key(ino, &version);
@@ -327,6 +421,7 @@ impl ReadPath {
             count.fetch_add(1, Ordering::Relaxed);
             Arc::clone(count)
         };
+        let flow = Flow::new(self.weight_for(&path));
         Arc::new(FileReader {
             key,
             readers_of_version,
@@ -337,7 +432,10 @@ impl ReadPath {
             path,
             cancel: self.shutdown.child_token(),
             sequential: Mutex::new(Sequential::default()),
-            flow: Flow::new(),
+            flow,
+            opener,
+            opened: Instant::now(),
+            served: AtomicU64::new(0),
         })
     }
 
@@ -360,9 +458,9 @@ impl ReadPath {
         // Half a second of each reader's share of the rate: enough to keep
         // fetches overlapping, little enough that bytes fetched ahead do not
         // sit in memory while the reader waits for tokens.
-        let by_rate = match &self.throttle {
-            Some(throttle) => (throttle.rate() / 2 / readers).max(2 * self.config.block_size),
-            None => u64::MAX,
+        let by_rate = match self.throttle.planning_rate() {
+            u64::MAX => u64::MAX,
+            rate => (rate / 2 / readers).max(2 * self.config.block_size),
         };
         self.config
             .max_window
@@ -443,7 +541,13 @@ impl ReadPath {
         let base = first * block_size;
         if let Lookup::Ready(block) = &first_lookup {
             if rest.is_empty() {
-                return Started::Ready(self.cut(std::slice::from_ref(block), base, offset, end));
+                return Started::Ready(self.cut(
+                    reader,
+                    std::slice::from_ref(block),
+                    base,
+                    offset,
+                    end,
+                ));
             }
             if rest.iter().all(|lookup| matches!(lookup, Lookup::Ready(_))) {
                 let blocks: Vec<Bytes> = std::iter::once(block)
@@ -453,7 +557,7 @@ impl ReadPath {
                     }))
                     .cloned()
                     .collect();
-                return Started::Ready(self.cut(&blocks, base, offset, end));
+                return Started::Ready(self.cut(reader, &blocks, base, offset, end));
             }
         }
         Started::Pending(PendingRead {
@@ -468,7 +572,14 @@ impl ReadPath {
     }
 
     /// `[offset, end)` out of consecutive blocks starting at `base`.
-    fn cut(&self, blocks: &[Bytes], base: u64, offset: u64, end: u64) -> Bytes {
+    fn cut(
+        &self,
+        reader: &FileReader,
+        blocks: &[Bytes],
+        base: u64,
+        offset: u64,
+        end: u64,
+    ) -> Bytes {
         let start = (offset - base) as usize;
         let len = (end - offset) as usize;
         let data = if let [block] = blocks {
@@ -485,6 +596,9 @@ impl ReadPath {
         };
         self.stats
             .bytes_served
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        reader
+            .served
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         data
     }
@@ -674,15 +788,19 @@ impl ReadPath {
             .acquire_many(count as u32)
             .await
             .map_err(|_| FetchError::Cancelled)?;
+        self.stats.fetches_in_flight.fetch_add(1, Ordering::Relaxed);
+        let _in_flight = InFlight(&self.stats.fetches_in_flight);
         let result = self
             .retrying(&reader.path, "read", || async {
-                if let Some(throttle) = &self.throttle {
-                    throttle.acquire(&reader.flow, len).await;
-                }
+                self.throttle.acquire(&reader.flow, len).await;
                 self.stats.fetches.fetch_add(1, Ordering::Relaxed);
                 let data = self
-                    .provider
-                    .read(&reader.disk, &reader.version, span.start, len as usize)
+                    .calls
+                    .timed(
+                        "read",
+                        self.provider
+                            .read(&reader.disk, &reader.version, span.start, len as usize),
+                    )
                     .await?;
                 if data.len() as u64 != len {
                     return Err(ProviderError::Protocol(format!(
@@ -744,6 +862,15 @@ impl ReadPath {
         self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(path = %reader.path, offset, len, "read failed: {err}");
         FetchError::Failed(Arc::new(err))
+    }
+}
+
+/// Counts a fetch out of the in-flight gauge however it ends.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use super::*;
 use crate::provider::{DiskEntry, Inventory, Provider, ProviderError, Version};
+use crate::throttle::Limit;
 
 const MIB: u64 = 1 << 20;
 
@@ -101,7 +102,7 @@ fn disk(size: u64) -> Arc<DiskEntry> {
 fn read_path(provider: Arc<MockProvider>, memory: u64) -> Arc<ReadPath> {
     ReadPath::new(
         provider,
-        None,
+        Throttle::new(None),
         ReadConfig {
             block_size: MIB,
             memory,
@@ -120,6 +121,7 @@ fn open(path: &Arc<ReadPath>, size: u64) -> Arc<FileReader> {
         size,
         "/vm/disk".into(),
         None,
+        Opener::default(),
     )
 }
 
@@ -225,7 +227,10 @@ async fn closing_a_file_stops_its_fetches() {
     // Throttled to 4 MiB/s: read-ahead queues behind the token bucket.
     let path = ReadPath::new(
         provider.clone(),
-        Some(Arc::new(Throttle::new(4 * MIB, MIB))),
+        Throttle::new(Some(Limit {
+            rate: 4 * MIB,
+            burst: MIB,
+        })),
         ReadConfig {
             block_size: MIB,
             ..ReadConfig::default()
@@ -317,6 +322,7 @@ async fn holes_read_as_zeros_without_fetching_and_seek_finds_them() {
         size,
         "/vm/disk".into(),
         Some(data),
+        Opener::default(),
     );
     let hole = path.read(&reader, 4 * MIB, MIB as u32).await.unwrap();
     assert!(hole.iter().all(|&b| b == 0) && hole.len() == MIB as usize);

@@ -1,196 +1,560 @@
-//! One token bucket per mount, metering bytes fetched from the provider.
+//! The mount's bandwidth control: one token bucket, a weighted fair queue in
+//! front of it, per-file caps, and an optional fleet budget behind it.
 //!
-//! Built on governor's GCRA limiter with 1 KiB cells (1-byte cells run
-//! measurably fast from nanosecond rounding; 1 KiB cells hold the rate to a
-//! few hundredths of a percent). Sub-cell remainders are carried to the next
-//! charge, so every byte is paid for exactly once.
+//! Every byte fetched from the provider is charged here before it is asked
+//! for. A charge is taken in pieces of at most [`MAX_PIECE`] bytes (and at
+//! most the bucket depth), so that large fetches interleave with small ones.
 //!
-//! governor does not queue waiters and refuses a charge larger than the
-//! burst. Both are handled here: a FIFO mutex admits one waiter at a time, in
-//! arrival order, and every charge is taken in pieces no larger than the
-//! burst. Each piece queues again, so charges interleave piece by piece.
+//! - **The bucket** is hand-written rather than governor's: its rate and
+//!   depth change while copies run (`vmexportfs rate`, timetables, SIGHUP).
+//!   On a change the tokens already in the bucket are kept, up to the new
+//!   depth: a lower rate brings no burst, a higher one loses nothing.
+//! - **The queue** is self-clocked fair queueing. Each reader charges
+//!   through its own [`Flow`], which lets one of its pieces at a time into
+//!   the queue; a piece's tag is where the flow's previous tag (or the
+//!   queue's virtual time, if later) plus its bytes divided by the flow's
+//!   weight, and the smallest tag goes first. Under contention readers get
+//!   shares in proportion to their weights, whatever their read-ahead
+//!   depth; a lone reader gets the whole rate.
+//! - **Per-file caps** (`file_rate=`) are a governor limiter per flow: a
+//!   fixed quota that one waiter uses at a time is exactly what it does
+//!   well. A piece passes its flow's cap before it joins the queue.
+//! - **The fleet gate**: with `fleet=`, a piece also needs bytes leased
+//!   from the shared budget ([`fleet`]); the lower of the two limits wins.
 //!
-//! Arrival order alone would share the rate by the number of fetches each
-//! reader keeps queued, and read-ahead makes that differ from reader to
-//! reader. So every reader charges through its own [`Flow`], which lets one
-//! of its charges at a time into the queue: with N readers waiting the queue
-//! holds one charge of each, and they are served round-robin.
+//! A pacer task hands out pieces when the bucket can pay for them. A charge
+//! that finds the queue empty and the tokens there passes without it; with
+//! nothing limiting the mount, a charge is two atomic loads.
 
+pub mod fleet;
+pub mod priority;
+pub mod schedule;
+
+use std::collections::BTreeMap;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
 
-const CELL: u64 = 1024;
+/// Largest piece a charge is taken in: small enough that a 16 MiB fetch
+/// does not hold the queue while others wait, large enough that the pacer
+/// hands out few pieces per second even at gigabytes per second.
+pub const MAX_PIECE: u64 = 1 << 20;
+/// Smallest automatic bucket depth: small enough to keep the rate smooth,
+/// large enough that one wait covers a useful fetch.
+pub const MIN_AUTO_BURST: u64 = 64 << 10;
+/// Fixed-point scale of fair-queue tags (bytes × scale / weight).
+const TAG_SCALE: u64 = 64;
+/// Weights run from 1 to this.
+pub const MAX_WEIGHT: u32 = 1000;
 
-/// One reader's place in the throttle: at most one of its charges waits in
-/// the shared queue at a time.
+/// A rate in bytes per second and the depth of its bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limit {
+    pub rate: u64,
+    pub burst: u64,
+}
+
+impl Limit {
+    /// `rate` with the automatic depth, max(rate/10, 64K).
+    pub fn auto(rate: u64) -> Limit {
+        Limit {
+            rate: rate.max(1),
+            burst: (rate / 10).max(MIN_AUTO_BURST),
+        }
+    }
+}
+
+/// One reader's place in the throttle: its weight, its fair-queue tag and
+/// its cap. At most one of its pieces waits in the queue at a time.
 pub struct Flow {
-    turn: tokio::sync::Mutex<()>,
+    turn: tokio::sync::Mutex<Option<FileCap>>,
+    weight: AtomicU32,
+    /// Tag of this flow's last piece (written under the queue's lock).
+    finish: AtomicU64,
 }
 
 impl Flow {
-    pub fn new() -> Self {
+    pub fn new(weight: u32) -> Self {
         Flow {
-            turn: tokio::sync::Mutex::new(()),
+            turn: tokio::sync::Mutex::new(None),
+            weight: AtomicU32::new(weight.clamp(1, MAX_WEIGHT)),
+            finish: AtomicU64::new(0),
         }
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    pub fn set_weight(&self, weight: u32) {
+        self.weight
+            .store(weight.clamp(1, MAX_WEIGHT), Ordering::Relaxed);
     }
 }
 
 impl Default for Flow {
     fn default() -> Self {
-        Self::new()
+        Self::new(1)
     }
 }
 
-pub struct Throttle {
+/// A per-file cap: governor with 1 KiB cells (1-byte cells run measurably
+/// fast from nanosecond rounding); sub-cell remainders carry over, so
+/// every byte is paid for exactly once.
+struct FileCap {
     limiter: DefaultDirectRateLimiter,
-    /// Bytes charged but not yet a whole cell. The lock is the FIFO queue.
-    carry: tokio::sync::Mutex<u64>,
     burst_cells: u32,
-    rate: u64,
-    burst: u64,
+    carry: u64,
+    generation: u64,
 }
 
-impl Throttle {
-    /// `rate` bytes per second with a bucket `burst` bytes deep.
-    pub fn new(rate: u64, burst: u64) -> Self {
-        let rate = rate.max(1);
-        let burst_cells = (burst / CELL).clamp(1, u64::from(u32::MAX)) as u32;
-        let period_nanos = ((CELL as u128 * 1_000_000_000) / rate as u128).max(1);
+const CELL: u64 = 1024;
+
+impl FileCap {
+    fn new(limit: Limit, generation: u64) -> Self {
+        let burst_cells = (limit.burst / CELL).clamp(1, u64::from(u32::MAX)) as u32;
+        let period_nanos = ((CELL as u128 * 1_000_000_000) / limit.rate.max(1) as u128).max(1);
         let period = Duration::from_nanos(period_nanos.min(u64::MAX as u128) as u64);
         let quota = Quota::with_period(period)
             .expect("period is at least one nanosecond")
             .allow_burst(NonZeroU32::new(burst_cells).expect("clamped to at least 1"));
-        Throttle {
+        FileCap {
             limiter: RateLimiter::direct(quota),
-            carry: tokio::sync::Mutex::new(0),
             burst_cells,
-            rate,
-            burst: u64::from(burst_cells) * CELL,
+            carry: 0,
+            generation,
         }
     }
 
-    pub fn rate(&self) -> u64 {
-        self.rate
+    fn depth(&self) -> u64 {
+        u64::from(self.burst_cells) * CELL
     }
 
-    pub fn burst(&self) -> u64 {
-        self.burst
+    async fn acquire(&mut self, bytes: u64) {
+        let owed = self.carry + bytes;
+        self.carry = owed % CELL;
+        let mut cells = owed / CELL;
+        while cells > 0 {
+            let now = cells.min(u64::from(self.burst_cells));
+            if let Some(n) = NonZeroU32::new(now as u32) {
+                self.limiter
+                    .until_n_ready(n)
+                    .await
+                    .expect("a piece never exceeds the burst");
+            }
+            cells -= now;
+        }
+    }
+}
+
+/// Counters of the throttle, for status and metrics.
+#[derive(Debug, Default)]
+pub struct ThrottleStats {
+    /// Time charges spent waiting, summed over charges.
+    pub waited_nanos: AtomicU64,
+    /// Bytes that went through a limit (mount, fleet or file cap).
+    pub limited_bytes: AtomicU64,
+}
+
+struct Waiter {
+    bytes: u64,
+    grant: oneshot::Sender<()>,
+}
+
+/// The shared-budget side of the bucket: bytes leased and not yet spent.
+struct FleetGate {
+    level: f64,
+    lease: u64,
+    /// The share of the fleet budget this mount can expect.
+    rate: u64,
+}
+
+struct State {
+    limit: Option<Limit>,
+    /// Bytes that may be fetched now; below zero after a piece larger than
+    /// the bucket (a depth lowered under a waiting piece).
+    level: f64,
+    refilled: Instant,
+    /// Virtual time of the fair queue: the tag of the last piece let through.
+    vtime: u64,
+    queue: BTreeMap<(u64, u64), Waiter>,
+    arrivals: u64,
+    fleet: Option<FleetGate>,
+}
+
+impl State {
+    fn refill(&mut self, now: Instant) {
+        if let Some(limit) = self.limit {
+            let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+            self.level = (self.level + elapsed * limit.rate as f64).min(limit.burst as f64);
+        }
+        self.refilled = now;
+    }
+
+    /// What stops `bytes` from passing now: the bucket (with the time it
+    /// will have refilled enough), the fleet budget, or nothing.
+    fn blocker(&self, bytes: u64, now: Instant) -> Option<Blocked> {
+        if let Some(limit) = self.limit {
+            let need = bytes.min(limit.burst) as f64;
+            if self.level < need {
+                let secs = (need - self.level) / limit.rate as f64;
+                return Some(Blocked::Until(now + Duration::from_secs_f64(secs)));
+            }
+        }
+        if let Some(fleet) = &self.fleet {
+            // Pieces are at most half a lease, so a piece is only ever
+            // blocked while the gate is low: when the fleet task leases.
+            if fleet.level < bytes as f64 {
+                return Some(Blocked::Fleet);
+            }
+        }
+        None
+    }
+
+    /// Pays for `bytes`; true when the fleet gate runs low.
+    fn spend(&mut self, bytes: u64) -> bool {
+        if self.limit.is_some() {
+            self.level -= bytes as f64;
+        }
+        match &mut self.fleet {
+            Some(fleet) => {
+                fleet.level -= bytes as f64;
+                fleet.level < fleet.lease as f64 / 2.0
+            }
+            None => false,
+        }
+    }
+}
+
+enum Blocked {
+    Until(Instant),
+    Fleet,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    /// Neither a mount limit nor a fleet budget: pieces pass untouched.
+    open: AtomicBool,
+    /// The depth pieces are cut to (the bucket's, at most [`MAX_PIECE`]).
+    piece: AtomicU64,
+    /// With a fleet budget, pieces are at most half a lease.
+    fleet_piece: AtomicU64,
+    /// The rate read-ahead plans with: the lowest limit in force.
+    planning_rate: AtomicU64,
+    file_cap: Mutex<(u64, Option<Limit>)>,
+    capped: AtomicBool,
+    pacer: Notify,
+    fleet_wanted: Notify,
+    closed: AtomicBool,
+    stats: ThrottleStats,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Lets through every waiting piece the bucket and the fleet budget
+    /// can pay for, best tag first; says when to look again.
+    fn dispatch(&self) -> Option<Instant> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.refill(now);
+        let mut fleet_low = false;
+        let next = loop {
+            let Some((&key, waiter)) = state.queue.first_key_value() else {
+                break None;
+            };
+            if waiter.grant.is_closed() {
+                // The reader went away while it waited.
+                state.queue.remove(&key);
+                continue;
+            }
+            match state.blocker(waiter.bytes, now) {
+                Some(Blocked::Until(at)) => break Some(at),
+                Some(Blocked::Fleet) => {
+                    fleet_low = true;
+                    break None;
+                }
+                None => {}
+            }
+            let Some(waiter) = state.queue.remove(&key) else {
+                continue;
+            };
+            if waiter.grant.send(()).is_ok() {
+                fleet_low |= state.spend(waiter.bytes);
+                state.vtime = state.vtime.max(key.0);
+            }
+        };
+        drop(state);
+        if fleet_low {
+            self.fleet_wanted.notify_one();
+        }
+        next
+    }
+
+    fn update_planning_rate(&self, state: &State) {
+        let rate = [
+            state.limit.map(|l| l.rate),
+            state.fleet.as_ref().map(|f| f.rate),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(u64::MAX);
+        self.planning_rate.store(rate, Ordering::Relaxed);
+    }
+}
+
+/// The mount's throttle. Needs a tokio runtime: its pacer is a task.
+pub struct Throttle {
+    inner: Arc<Inner>,
+}
+
+impl Throttle {
+    /// A throttle with `limit` in force (`None`: unlimited, until changed).
+    pub fn new(limit: Option<Limit>) -> Arc<Self> {
+        let inner = Arc::new(Inner {
+            state: Mutex::new(State {
+                limit,
+                level: limit.map_or(0.0, |l| l.burst as f64),
+                refilled: Instant::now(),
+                vtime: 0,
+                queue: BTreeMap::new(),
+                arrivals: 0,
+                fleet: None,
+            }),
+            open: AtomicBool::new(limit.is_none()),
+            piece: AtomicU64::new(limit.map_or(MAX_PIECE, |l| l.burst.clamp(1, MAX_PIECE))),
+            fleet_piece: AtomicU64::new(u64::MAX),
+            planning_rate: AtomicU64::new(limit.map_or(u64::MAX, |l| l.rate)),
+            file_cap: Mutex::new((0, None)),
+            capped: AtomicBool::new(false),
+            pacer: Notify::new(),
+            fleet_wanted: Notify::new(),
+            closed: AtomicBool::new(false),
+            stats: ThrottleStats::default(),
+        });
+        tokio::spawn(pace(Arc::clone(&inner)));
+        Arc::new(Throttle { inner })
+    }
+
+    /// The mount limit in force (`None`: unlimited).
+    pub fn limit(&self) -> Option<Limit> {
+        self.inner.lock().limit
+    }
+
+    /// The lowest rate in force, for planning read-ahead (`u64::MAX`: none).
+    pub fn planning_rate(&self) -> u64 {
+        self.inner.planning_rate.load(Ordering::Relaxed)
+    }
+
+    pub fn stats(&self) -> &ThrottleStats {
+        &self.inner.stats
+    }
+
+    /// Changes the mount limit now, for charges already waiting too. Tokens
+    /// in the bucket are kept up to the new depth; from unlimited, the
+    /// bucket starts empty, so a limit never starts with a burst.
+    pub fn set_limit(&self, limit: Option<Limit>) {
+        let mut state = self.inner.lock();
+        state.refill(Instant::now());
+        match (state.limit, limit) {
+            (None, Some(_)) => state.level = 0.0,
+            (Some(_), Some(new)) => state.level = state.level.min(new.burst as f64),
+            (_, None) => state.level = 0.0,
+        }
+        state.limit = limit;
+        self.inner
+            .open
+            .store(limit.is_none() && state.fleet.is_none(), Ordering::Relaxed);
+        self.inner.piece.store(
+            limit.map_or(MAX_PIECE, |l| l.burst.clamp(1, MAX_PIECE)),
+            Ordering::Relaxed,
+        );
+        self.inner.update_planning_rate(&state);
+        drop(state);
+        self.inner.pacer.notify_one();
+    }
+
+    /// Caps every open file at `limit` (`None`: no cap), from each file's
+    /// next charge on.
+    pub fn set_file_limit(&self, limit: Option<Limit>) {
+        let mut cap = self
+            .inner
+            .file_cap
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *cap = (cap.0 + 1, limit);
+        self.inner.capped.store(limit.is_some(), Ordering::Relaxed);
+    }
+
+    pub fn file_limit(&self) -> Option<Limit> {
+        self.inner
+            .file_cap
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .1
     }
 
     /// Waits until `bytes` may be fetched. Cancel-safe: dropping the future
     /// gives up the place in the queue; pieces already taken stay spent.
     pub async fn acquire(&self, flow: &Flow, bytes: u64) {
-        let _turn = flow.turn.lock().await;
+        let inner = &*self.inner;
+        let capped = inner.capped.load(Ordering::Relaxed);
+        if bytes == 0 || (!capped && inner.open.load(Ordering::Relaxed)) {
+            return;
+        }
+        let started = Instant::now();
+        let mut cap = flow.turn.lock().await;
+        self.refresh_cap(&mut cap);
         let mut remaining = bytes;
         while remaining > 0 {
-            let mut carry = self.carry.lock().await;
-            let room = u64::from(self.burst_cells) * CELL - *carry;
-            let piece = remaining.min(room);
-            let owed = *carry + piece;
-            *carry = owed % CELL;
-            if let Some(cells) = NonZeroU32::new((owed / CELL) as u32) {
-                self.limiter
-                    .until_n_ready(cells)
-                    .await
-                    .expect("a piece never exceeds the burst");
+            let mut piece = remaining
+                .min(inner.piece.load(Ordering::Relaxed))
+                .min(inner.fleet_piece.load(Ordering::Relaxed));
+            if let Some(cap) = cap.as_mut() {
+                piece = piece.min(cap.depth());
+                cap.acquire(piece).await;
             }
-            drop(carry);
+            self.take(flow, piece).await;
             remaining -= piece;
+        }
+        inner
+            .stats
+            .waited_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        inner
+            .stats
+            .limited_bytes
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn refresh_cap(&self, cap: &mut Option<FileCap>) {
+        let (generation, limit) = *self
+            .inner
+            .file_cap
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if cap.as_ref().map(|c| c.generation) != Some(generation) || limit.is_none() {
+            *cap = limit.map(|limit| FileCap::new(limit, generation));
+        }
+    }
+
+    /// One piece through the mount's bucket and the fleet gate.
+    async fn take(&self, flow: &Flow, bytes: u64) {
+        let inner = &*self.inner;
+        let granted = {
+            let mut state = inner.lock();
+            if state.limit.is_none() && state.fleet.is_none() {
+                return;
+            }
+            let now = Instant::now();
+            state.refill(now);
+            if state.queue.is_empty() && state.blocker(bytes, now).is_none() {
+                let fleet_low = state.spend(bytes);
+                drop(state);
+                if fleet_low {
+                    inner.fleet_wanted.notify_one();
+                }
+                return;
+            }
+            let weight = u64::from(flow.weight().max(1));
+            let start = state.vtime.max(flow.finish.load(Ordering::Relaxed));
+            let tag = start.saturating_add(bytes.saturating_mul(TAG_SCALE) / weight);
+            flow.finish.store(tag, Ordering::Relaxed);
+            let (grant, granted) = oneshot::channel();
+            state.arrivals += 1;
+            let arrival = state.arrivals;
+            state.queue.insert((tag, arrival), Waiter { bytes, grant });
+            granted
+        };
+        inner.pacer.notify_one();
+        // An error means the pacer is gone with the mount: nothing to wait for.
+        let _ = granted.await;
+    }
+
+    /// Puts the fleet gate in front of the bucket; leases of `lease` bytes
+    /// will be credited by [`Throttle::credit_fleet`].
+    pub(crate) fn attach_fleet(&self, lease: u64, fleet_rate: u64) {
+        let mut state = self.inner.lock();
+        state.fleet = Some(FleetGate {
+            level: 0.0,
+            lease: lease.max(1),
+            rate: fleet_rate,
+        });
+        self.inner
+            .fleet_piece
+            .store((lease / 2).max(1), Ordering::Relaxed);
+        self.inner.open.store(false, Ordering::Relaxed);
+        self.inner.update_planning_rate(&state);
+    }
+
+    /// Adds leased bytes to the fleet gate.
+    pub(crate) fn credit_fleet(&self, bytes: u64) {
+        let mut state = self.inner.lock();
+        if let Some(fleet) = &mut state.fleet {
+            // Unspent leases do not pile up into a burst.
+            fleet.level = (fleet.level + bytes as f64).min(2.0 * fleet.lease as f64);
+        }
+        drop(state);
+        self.inner.pacer.notify_one();
+    }
+
+    /// Whether the fleet gate is below half a lease.
+    pub(crate) fn fleet_low(&self) -> bool {
+        let state = self.inner.lock();
+        state
+            .fleet
+            .as_ref()
+            .is_some_and(|fleet| fleet.level < fleet.lease as f64 / 2.0)
+    }
+
+    /// Waits until a charge finds the fleet gate low.
+    pub(crate) async fn fleet_wanted(&self) {
+        self.inner.fleet_wanted.notified().await;
+    }
+
+    /// The share of the fleet budget read-ahead should plan with.
+    pub(crate) fn set_fleet_share(&self, rate: u64) {
+        let mut state = self.inner.lock();
+        if let Some(fleet) = &mut state.fleet {
+            fleet.rate = rate;
+        }
+        self.inner.update_planning_rate(&state);
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.inner.closed.store(true, Ordering::Relaxed);
+        self.inner.pacer.notify_one();
+    }
+}
+
+/// The pacer: lets waiting pieces through as tokens come, and sleeps until
+/// the next one can go or something changes.
+async fn pace(inner: Arc<Inner>) {
+    while !inner.closed.load(Ordering::Relaxed) {
+        match inner.dispatch() {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = inner.pacer.notified() => {}
+                }
+            }
+            None => inner.pacer.notified().await,
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
-    use std::time::Instant;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn holds_the_rate_after_the_burst() {
-        let rate = 8 << 20;
-        let throttle = Throttle::new(rate, 256 << 10);
-        let flow = Flow::new();
-        throttle.acquire(&flow, 256 << 10).await; // drain the initial bucket
-        let started = Instant::now();
-        let total = 4 << 20;
-        for _ in 0..(total / (100 << 10)) {
-            throttle.acquire(&flow, 100 << 10).await;
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        let expected = (total / (100 << 10) * (100 << 10)) as f64 / rate as f64;
-        assert!(
-            (elapsed / expected - 1.0).abs() < 0.05,
-            "took {elapsed:.3}s, expected {expected:.3}s"
-        );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn charges_larger_than_the_burst_are_split() {
-        let throttle = Throttle::new(4 << 20, 64 << 10);
-        let started = Instant::now();
-        throttle.acquire(&Flow::new(), 1 << 20).await;
-        let elapsed = started.elapsed().as_secs_f64();
-        // 64 KiB come from the full bucket, the rest at 4 MiB/s.
-        let expected = ((1 << 20) - (64 << 10)) as f64 / (4 << 20) as f64;
-        assert!(
-            (elapsed - expected).abs() < 0.03,
-            "took {elapsed:.3}s, expected {expected:.3}s"
-        );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn odd_sizes_are_charged_exactly() {
-        let throttle = Throttle::new(1 << 20, 64 << 10);
-        let flow = Flow::new();
-        throttle.acquire(&flow, 64 << 10).await;
-        let started = Instant::now();
-        // 2000 charges of 333 bytes = 666,000 bytes ≈ 0.635 s at 1 MiB/s.
-        for _ in 0..2000 {
-            throttle.acquire(&flow, 333).await;
-        }
-        let elapsed = started.elapsed().as_secs_f64();
-        let expected = 666_000.0 / (1 << 20) as f64;
-        assert!(
-            (elapsed / expected - 1.0).abs() < 0.05,
-            "took {elapsed:.3}s, expected {expected:.3}s"
-        );
-    }
-
-    /// Readers that keep different numbers of charges queued (as read-ahead
-    /// windows of different depths do) still get equal shares.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn readers_share_fairly_whatever_their_queue_depth() {
-        let throttle = Arc::new(Throttle::new(4 << 20, 1 << 20));
-        // Drain the initial bucket, so that the first task spawned does not
-        // take the whole burst before the others run.
-        throttle.acquire(&Flow::new(), 1 << 20).await;
-        let deadline = Instant::now() + Duration::from_millis(1500);
-        let got = Arc::new([(); 4].map(|_| AtomicU64::new(0)));
-        let mut tasks = Vec::new();
-        for reader in 0..4usize {
-            let flow = Arc::new(Flow::new());
-            for _ in 0..(1 + reader * 4) {
-                let (throttle, flow, got) = (throttle.clone(), flow.clone(), got.clone());
-                tasks.push(tokio::spawn(async move {
-                    while Instant::now() < deadline {
-                        throttle.acquire(&flow, 128 << 10).await;
-                        if Instant::now() < deadline {
-                            got[reader].fetch_add(128 << 10, Ordering::Relaxed);
-                        }
-                    }
-                }));
-            }
-        }
-        for task in tasks {
-            task.await.unwrap();
-        }
-        let shares: Vec<u64> = got.iter().map(|g| g.load(Ordering::Relaxed)).collect();
-        let min = *shares.iter().min().unwrap() as f64;
-        let max = *shares.iter().max().unwrap() as f64;
-        assert!(max / min < 1.3, "unfair shares {shares:?}");
-    }
-}
+mod tests;

@@ -5,6 +5,8 @@
 pub mod azurite;
 pub mod fake_gcs;
 pub mod faults;
+pub mod progress;
+pub mod redis;
 pub mod tls;
 pub mod vcsim;
 
