@@ -7,6 +7,9 @@
 #   the same vs `rclone mount` of the same URL (when rclone is installed)
 #   demo:// through the mount
 #   achieved/target rate at rate=20M and rate=200M (http), rate=50M (s3, moto)
+#   bandwidth control (http): `vmexportfs rate` 20M -> 60M on a running copy,
+#     priority 3:1 under contention at rate=40M, and two mounts (two
+#     processes) sharing fleet_rate=40M through Redis: achieved/target each
 #   gs:// (fake-gcs-server), az:// (Azurite) and vsphere:// (the govmomi
 #     simulator over TLS, tests/vcsim): unthrottled read through the mount vs
 #     curl straight from the stand-in (into a reader), and achieved/target at
@@ -40,7 +43,7 @@ trap cleanup EXIT
 # --- nginx serving a random 1 GiB disk and its manifest -------------------
 mkdir -p "$WORK/www" "$WORK/nginx"
 head -c $((SIZE_MIB << 20)) /dev/urandom > "$WORK/www/disk.raw"
-echo '{"vms":[{"name":"vm","disks":[{"name":"disk.raw","url":"disk.raw"}]}]}' > "$WORK/www/manifest.json"
+echo '{"vms":[{"name":"vm","disks":[{"name":"disk.raw","url":"disk.raw"},{"name":"disk2.raw","url":"disk.raw"}]}]}' > "$WORK/www/manifest.json"
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 N=$WORK/nginx
 cat > "$N/nginx.conf" <<CONF
@@ -143,6 +146,64 @@ PY
     R50S3=$(for _ in $(seq 32); do cat "$m/disk.raw"; done | dd of=/dev/null bs=1M iflag=fullblock 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')
     unmount "$m"
     kill "$MOTO_PID"
+fi
+
+# --- bandwidth control ------------------------------------------------------
+# "TIME BYTES": when mount $1 answered, and the bytes it has served (all
+# files, or only the open file $2); each rate below divides by the times
+# the answers came, not by the sleep between them.
+served_at() { "$BIN" status "$1" --json | python3 -c '
+import json, sys, time
+status = json.load(sys.stdin)
+files = [f["bytes_read"] for f in status["files"] if f["path"] == sys.argv[1]]
+print(time.time(), sum(files) if sys.argv[1] else status["totals"]["bytes_served"])' "${2:-}"; }
+# bytes/s between two "TIME BYTES" samples
+rate_between() { echo "$1 $2" | awk '{print ($4 - $2) / ($3 - $1)}'; }
+
+m=$(mount_vmx "$URL/manifest.json" rate=20M)
+cat "$m/vm/disk.raw" "$m/vm/disk.raw" > /dev/null & READER=$!
+sleep 2
+s0=$(served_at "$m"); sleep 4; s1=$(served_at "$m")
+LIVE_BEFORE=$(rate_between "$s0" "$s1")
+"$BIN" rate "$m" 60M > /dev/null
+sleep 1
+s0=$(served_at "$m"); sleep 4; s1=$(served_at "$m")
+LIVE_AFTER=$(rate_between "$s0" "$s1")
+kill $READER 2>/dev/null; wait $READER 2>/dev/null || true
+unmount "$m"
+
+m=$(mount_vmx "$URL/manifest.json" "rate=40M,priority=vm/disk.raw:3")
+cat "$m/vm/disk.raw" > /dev/null & HEAVY=$!
+cat "$m/vm/disk2.raw" > /dev/null & LIGHT=$!
+sleep 2
+h0=$(served_at "$m" /vm/disk.raw); l0=$(served_at "$m" /vm/disk2.raw)
+sleep 5
+h1=$(served_at "$m" /vm/disk.raw); l1=$(served_at "$m" /vm/disk2.raw)
+kill $HEAVY $LIGHT 2>/dev/null; wait $HEAVY $LIGHT 2>/dev/null || true
+unmount "$m"
+WEIGHT_HEAVY=$(rate_between "$h0" "$h1")
+WEIGHT_LIGHT=$(rate_between "$l0" "$l1")
+
+FLEET_A= FLEET_B=
+if command -v redis-server >/dev/null; then
+    REDIS_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >/dev/null 2>&1 &
+    REDIS_PID=$!
+    for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT") 2>/dev/null && break; sleep 0.05; done
+    fleet="fleet=redis://127.0.0.1:$REDIS_PORT/0,fleet_key=bench,fleet_rate=40M"
+    ma=$(mount_vmx "$URL/manifest.json" "$fleet")
+    mb=$(mount_vmx "$URL/manifest.json" "$fleet")
+    cat "$ma/vm/disk.raw" > /dev/null & FA=$!
+    cat "$mb/vm/disk.raw" > /dev/null & FB=$!
+    sleep 2
+    a0=$(served_at "$ma"); b0=$(served_at "$mb")
+    sleep 5
+    a1=$(served_at "$ma"); b1=$(served_at "$mb")
+    kill $FA $FB 2>/dev/null; wait $FA $FB 2>/dev/null || true
+    unmount "$ma"; unmount "$mb"
+    kill "$REDIS_PID"
+    FLEET_A=$(rate_between "$a0" "$a1")
+    FLEET_B=$(rate_between "$b0" "$b1")
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -267,7 +328,9 @@ awk -v curl="$CURL" -v curlnull="$CURL_NULL" -v mnt="$MOUNT" -v rclone="$RCLONE"
     -v r20="$R20" -v r200="$R200" -v r50s3="$R50S3" -v runs="$RUNS" -v size="$SIZE_MIB" \
     -v gscurl="$GS_CURL" -v gsmount="$GS_MOUNT" -v r50gs="$R50GS" \
     -v azcurl="$AZ_CURL" -v azmount="$AZ_MOUNT" -v r50az="$R50AZ" \
-    -v vscurl="$VS_CURL" -v vsmount="$VS_MOUNT" -v r50vs="$R50VS" '
+    -v vscurl="$VS_CURL" -v vsmount="$VS_MOUNT" -v r50vs="$R50VS" \
+    -v livebefore="$LIVE_BEFORE" -v liveafter="$LIVE_AFTER" \
+    -v heavy="$WEIGHT_HEAVY" -v light="$WEIGHT_LIGHT" -v fleeta="$FLEET_A" -v fleetb="$FLEET_B" '
 function stand_in_rows(scheme, name, curl, mnt, r50,    t50) {
     if (mnt == "") {
         printf "| %s | %s not installed | | |\n", scheme, name
@@ -303,6 +366,19 @@ BEGIN {
         printf "| s3:// (moto) rate=50M achieved/target | %.4f (%.0f B/s) | 0.98-1.02 | %s |\n", r50s3 / t50, r50s3, (r50s3 / t50 >= 0.98 && r50s3 / t50 <= 1.02 ? "ok" : "MISS")
     } else {
         printf "| s3:// rate=50M | moto not installed | | |\n"
+    }
+    t = 20 * 1048576
+    printf "| live: rate=20M before `vmexportfs rate 60M` | %.4f (%.0f B/s) | 0.95-1.05 | %s |\n", livebefore / t, livebefore, (livebefore / t >= 0.95 && livebefore / t <= 1.05 ? "ok" : "MISS")
+    t = 60 * 1048576
+    printf "| live: 60M from 1 s after the change | %.4f (%.0f B/s) | 0.95-1.05 | %s |\n", liveafter / t, liveafter, (liveafter / t >= 0.95 && liveafter / t <= 1.05 ? "ok" : "MISS")
+    t = 40 * 1048576
+    printf "| priority 3:1 at rate=40M: heavy/light | %.3f (%.0f / %.0f B/s) | 2.70-3.30 | %s |\n", heavy / light, heavy, light, (heavy / light >= 2.7 && heavy / light <= 3.3 ? "ok" : "MISS")
+    printf "| priority 3:1: both together / rate | %.4f | 0.95-1.05 | %s |\n", (heavy + light) / t, ((heavy + light) / t >= 0.95 && (heavy + light) / t <= 1.05 ? "ok" : "MISS")
+    if (fleeta != "") {
+        printf "| fleet_rate=40M, two mounts: together / fleet rate | %.4f (%.0f B/s) | 0.95-1.05 | %s |\n", (fleeta + fleetb) / t, fleeta + fleetb, ((fleeta + fleetb) / t >= 0.95 && (fleeta + fleetb) / t <= 1.05 ? "ok" : "MISS")
+        printf "| fleet: mount a / mount b | %.3f | 0.90-1.10 | %s |\n", fleeta / fleetb, (fleeta / fleetb >= 0.9 && fleeta / fleetb <= 1.1 ? "ok" : "MISS")
+    } else {
+        printf "| fleet | redis-server not installed | | |\n"
     }
     stand_in_rows("gs://", "fake-gcs-server", gscurl, gsmount, r50gs)
     stand_in_rows("az://", "Azurite", azcurl, azmount, r50az)
