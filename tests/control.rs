@@ -108,11 +108,16 @@ fn rate_changes_a_running_copy_within_a_second() {
     assert!(vmx_ok(&["rate", mp]).contains("unlimited"));
 }
 
-/// `HH:MM:SS` local time `seconds` from now, by date(1).
-fn local_time_in(seconds: u64) -> String {
-    sh(&format!("date -d '+{seconds} sec' +%H:%M:%S"))
+/// The local time `HH:MM:SS` of a whole second about `seconds` from now,
+/// and the instant it comes (date(1) gives the wall clock to the nanosecond).
+fn local_second_ahead(seconds: u64) -> (String, Instant) {
+    let now = Instant::now();
+    let wall: f64 = sh("date +%s.%N").trim().parse().unwrap();
+    let boundary = wall.floor() as u64 + seconds;
+    let text = sh(&format!("date -d @{boundary} +%H:%M:%S"))
         .trim()
-        .to_string()
+        .to_string();
+    (text, now + Duration::from_secs_f64(boundary as f64 - wall))
 }
 
 #[test]
@@ -122,13 +127,11 @@ fn a_timetable_switches_the_rate_live_at_its_boundary() {
         std::thread::sleep(Duration::from_secs(5));
     }
     let src = disks(&["disk.raw"], 300 * MIB);
-    let boundary = local_time_in(6);
-    let started = Instant::now();
+    let (boundary, at) = local_second_ahead(10);
     let mount = Mount::new(
         &dir_source(&src),
         &format!("schedule=daily 00:00 10M; {boundary} 30M"),
     );
-    let at = started + Duration::from_secs(6);
     let status = status_json(&mount);
     assert_eq!(status["schedule"]["active"], "daily 00:00 10M", "{status}");
     assert_eq!(
@@ -143,8 +146,8 @@ fn a_timetable_switches_the_rate_live_at_its_boundary() {
     let copy = Progress::start(mount.file("disk.raw"));
     std::thread::sleep(Duration::from_millis(1000));
     let measured_from = Instant::now();
-    Progress::wait_until(at - Duration::from_millis(300));
-    let before_rate = copy.rate(measured_from, at - Duration::from_millis(300));
+    Progress::wait_until(at - Duration::from_millis(200));
+    let before_rate = copy.rate(measured_from, at - Duration::from_millis(200));
     assert_near(
         "timetable 10M before the boundary",
         before_rate,
