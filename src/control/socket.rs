@@ -190,6 +190,14 @@ async fn refuse(mut stream: UnixStream, uid: u32) {
         line.push(b'\n');
         let _ = stream.write_all(&line).await;
     }
+    // Take the request before closing, so that the client's write does not
+    // fail with EPIPE before it reads the refusal.
+    let mut request = [0u8; 4096];
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::io::AsyncReadExt::read(&mut stream, &mut request),
+    )
+    .await;
 }
 
 async fn serve_one(stream: UnixStream, controller: &Controller) {
@@ -254,10 +262,18 @@ impl Client {
     pub async fn request(&mut self, request: &Request) -> anyhow::Result<Response> {
         let mut line = serde_json::to_vec(request)?;
         line.push(b'\n');
-        self.write
-            .write_all(&line)
-            .await
-            .with_context(|| format!("control socket {}", self.path.display()))?;
+        let written = self.write.write_all(&line).await;
+        if let Err(err) = written {
+            // A refusal may be waiting to be read.
+            if let Ok(Ok(Some(answer))) =
+                tokio::time::timeout(Duration::from_secs(1), self.lines.next_line()).await
+            {
+                if let Ok(Response::Error { message }) = serde_json::from_str(&answer) {
+                    return Err(anyhow!("{message}"));
+                }
+            }
+            return Err(err).with_context(|| format!("control socket {}", self.path.display()));
+        }
         let answer = tokio::time::timeout(Duration::from_secs(10), self.lines.next_line())
             .await
             .map_err(|_| anyhow!("control socket {}: no answer", self.path.display()))?
