@@ -14,6 +14,8 @@
 #     simulator over TLS, tests/vcsim): unthrottled read through the mount vs
 #     curl straight from the stand-in (into a reader), and achieved/target at
 #     rate=50M
+#   a soak: minutes of mixed readers through injected faults, every byte
+#     verified, peak RSS against cache=
 #
 # Each throughput is the median of RUNS reads (default 3) of a 1 GiB file,
 # each through a fresh mount. Needs root (FUSE), nginx, curl; run
@@ -324,7 +326,18 @@ if command -v vmexportfs-vcsim >/dev/null && command -v openssl >/dev/null; then
     kill "$VS_PID"
 fi
 
+# Soak: mixed sequential and random readers through a proxy injecting every
+# kind of transient fault (tests/soak.rs), every byte checked against the
+# source; peak RSS against cache=64M. SOAK_SECS sets its length.
+SOAK_SECS=${SOAK_SECS:-$([ "${1:-}" = --quick ] && echo 30 || echo 180)}
+SOAK=$(SOAK_SECS=$SOAK_SECS cargo test --release --quiet --test soak -- --ignored --nocapture 2>&1 | grep '^SOAK ' || echo "SOAK failed")
+soak_field() { echo "$SOAK" | tr ' ' '\n' | awk -F= -v k="$1" '$1 == k {print $2}'; }
+SOAK_BYTES=$(soak_field verified_bytes) SOAK_READS=$(soak_field reads) SOAK_FAULTS=$(soak_field faults)
+SOAK_RSS=$(soak_field peak_rss) SOAK_CACHE=$(soak_field cache)
+
 awk -v curl="$CURL" -v curlnull="$CURL_NULL" -v mnt="$MOUNT" -v rclone="$RCLONE" -v demo="$DEMO" \
+    -v soaksecs="$SOAK_SECS" -v soakbytes="$SOAK_BYTES" -v soakreads="$SOAK_READS" \
+    -v soakfaults="$SOAK_FAULTS" -v soakrss="$SOAK_RSS" -v soakcache="$SOAK_CACHE" \
     -v r20="$R20" -v r200="$R200" -v r50s3="$R50S3" -v runs="$RUNS" -v size="$SIZE_MIB" \
     -v gscurl="$GS_CURL" -v gsmount="$GS_MOUNT" -v r50gs="$R50GS" \
     -v azcurl="$AZ_CURL" -v azmount="$AZ_MOUNT" -v r50az="$R50AZ" \
@@ -383,4 +396,10 @@ BEGIN {
     stand_in_rows("gs://", "fake-gcs-server", gscurl, gsmount, r50gs)
     stand_in_rows("az://", "Azurite", azcurl, azmount, r50az)
     stand_in_rows("vsphere://", "vcsim (TLS)", vscurl, vsmount, r50vs)
+    if (soakbytes != "") {
+        printf "| soak %d s, 2 sequential + 2 random readers, faults every 9th request: bytes verified | %.0f MiB in %d reads, %d faults, 0 mismatches | every byte | ok |\n", soaksecs, soakbytes / 1048576, soakreads, soakfaults
+        printf "| soak: peak RSS / (cache + 64 MiB) | %.2f (%.0f MiB, cache=%.0f MiB) | <= 1.00 | %s |\n", soakrss / (soakcache + 64 * 1048576), soakrss / 1048576, soakcache / 1048576, (soakrss <= soakcache + 64 * 1048576 ? "ok" : "MISS")
+    } else {
+        printf "| soak | failed (a mismatch, an EIO or memory over bound: see cargo test --test soak -- --ignored) | | MISS |\n"
+    }
 }'

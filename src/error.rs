@@ -43,7 +43,14 @@ impl FsError {
             FsError::BadHandle => libc::EBADF,
             FsError::InvalidArgument => libc::EINVAL,
             FsError::NoMoreData => libc::ENXIO,
-            FsError::Provider { .. } => libc::EIO,
+            // What a backup tool can act on: gone since listing, access
+            // refused, and everything else (changed under the reader,
+            // unreachable, a bad answer) as an I/O error.
+            FsError::Provider { source, .. } => match **source {
+                ProviderError::NotFound(_) => libc::ENOENT,
+                ProviderError::Denied(_) | ProviderError::Unauthorized(_) => libc::EACCES,
+                _ => libc::EIO,
+            },
             FsError::Cancelled => libc::EINTR,
         }
     }

@@ -36,6 +36,18 @@ impl FuseAdapter {
     }
 }
 
+/// Runs a handler on the fuser thread. A panic in it (a bug) fails this
+/// request only: the reply, dropped while unwinding, answers EIO, and the
+/// thread goes on serving instead of ending the session.
+fn contained(operation: &'static str, handler: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)).is_err() {
+        tracing::error!(
+            operation,
+            "a request panicked; it failed with EIO and the mount goes on"
+        );
+    }
+}
+
 fn errno(err: &FsError) -> Errno {
     Errno::from_i32(err.errno())
 }
@@ -84,17 +96,17 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.core.lookup(parent.0, name) {
+        contained("lookup", || match self.core.lookup(parent.0, name) {
             Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
             Err(err) => reply.error(errno(&err)),
-        }
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.core.attr(ino.0) {
+        contained("getattr", || match self.core.attr(ino.0) {
             Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
             Err(err) => reply.error(errno(&err)),
-        }
+        })
     }
 
     fn setattr(
@@ -209,9 +221,10 @@ impl fuser::Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let _context = self.runtime.enter();
-        match self.core.start_read(fh.0, offset, size) {
+        contained("read", || match self.core.start_read(fh.0, offset, size) {
             Ok(Started::Ready(data)) => reply.data(&data),
             Ok(Started::Pending(pending)) => {
+                // A panic in the task drops the reply: EIO, as above.
                 self.runtime.spawn(async move {
                     match pending.finish().await {
                         Ok(data) => reply.data(&data),
@@ -220,7 +233,7 @@ impl fuser::Filesystem for FuseAdapter {
                 });
             }
             Err(err) => reply.error(errno(&err)),
-        }
+        })
     }
 
     fn write(
@@ -276,14 +289,14 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.attr(ino.0) {
+        contained("opendir", || match self.core.attr(ino.0) {
             Ok(attr) if attr.kind == Kind::Dir => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
             ),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(err) => reply.error(errno(&err)),
-        }
+        })
     }
 
     fn readdir(
@@ -294,7 +307,7 @@ impl fuser::Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.core.readdir(ino.0, offset) {
+        contained("readdir", || match self.core.readdir(ino.0, offset) {
             Ok(entries) => {
                 for entry in entries {
                     let kind = match entry.kind {
@@ -308,7 +321,7 @@ impl fuser::Filesystem for FuseAdapter {
                 reply.ok();
             }
             Err(err) => reply.error(errno(&err)),
-        }
+        })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -383,10 +396,10 @@ impl fuser::Filesystem for FuseAdapter {
         whence: i32,
         reply: fuser::ReplyLseek,
     ) {
-        match self.core.seek(fh.0, offset, whence) {
+        contained("lseek", || match self.core.seek(fh.0, offset, whence) {
             Ok(found) => reply.offset(found as i64),
             Err(err) => reply.error(errno(&err)),
-        }
+        })
     }
 
     fn fallocate(

@@ -79,6 +79,12 @@ pub struct MountOptions {
     pub stall_timeout: Duration,
     /// vSphere: read each VM's disks from a snapshot taken at first open.
     pub snapshot: bool,
+    /// How long a VM's snapshot outlives the last close of its files, so
+    /// that `cp -r` (one file at a time) reads every file from one snapshot.
+    pub snapshot_linger: Duration,
+    /// An open or a read whose provider has not delivered by then fails
+    /// (retries included; waiting for tokens does not count).
+    pub timeout: Duration,
     /// Timetable of mount rates (local time).
     pub schedule: Option<Schedule>,
     /// Cap of each open file, inside the mount's limit.
@@ -116,6 +122,15 @@ struct FleetParts {
 /// Long enough for a congested WAN link to recover, short enough that a
 /// dead connection is noticed well within a copy.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// A minute covers a backoff series over a flaky WAN link; past that a
+/// backup agent is better told (EIO) than left hanging.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// `cp -r` and `rsync -a` open a VM's files one after another, with
+/// seconds between them on a slow link: a minute keeps one snapshot.
+pub const DEFAULT_SNAPSHOT_LINGER: Duration = Duration::from_secs(60);
+/// The smallest `burst=`: below it every fetch is cut into pieces so small
+/// that the pacer's wake-ups, not the rate, set the pace.
+pub const MIN_BURST: u64 = 4 << 10;
 
 impl Default for MountOptions {
     fn default() -> Self {
@@ -141,6 +156,8 @@ impl Default for MountOptions {
             log: None,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             snapshot: false,
+            snapshot_linger: DEFAULT_SNAPSHOT_LINGER,
+            timeout: DEFAULT_TIMEOUT,
             schedule: None,
             file_rate: None,
             priority: Priorities::default(),
@@ -164,7 +181,7 @@ impl MountOptions {
             Burst::Auto => Limit::auto(rate),
             Burst::Bytes(bytes) => Limit {
                 rate: rate.max(1),
-                burst: bytes.max(1),
+                burst: bytes.max(MIN_BURST),
             },
         }
     }
@@ -261,7 +278,17 @@ impl MountOptions {
             "burst" => {
                 self.burst = match need(value)?.as_str() {
                     "auto" => Burst::Auto,
-                    _ => Burst::Bytes(size(value)?),
+                    _ => {
+                        let bytes = size(value)?;
+                        if bytes < MIN_BURST {
+                            return Err(OptionError::BadValue {
+                                name: name.to_string(),
+                                value: need(value)?,
+                                expected: "auto or a size of at least 4K",
+                            });
+                        }
+                        Burst::Bytes(bytes)
+                    }
                 }
             }
             "cache" => {
@@ -306,19 +333,28 @@ impl MountOptions {
             "rw" => self.rw_requested = flag(value)?,
             "log" => self.log = Some(PathBuf::from(need(value)?)),
             "stall_timeout" => {
-                let text = need(value)?;
-                let seconds: f64 = text
-                    .strip_suffix('s')
-                    .unwrap_or(&text)
-                    .parse()
-                    .ok()
-                    .filter(|s: &f64| s.is_finite() && *s >= 0.1 && *s <= 3600.0)
-                    .ok_or_else(|| OptionError::BadValue {
-                        name: name.to_string(),
-                        value: text.clone(),
-                        expected: "a number of seconds between 0.1 and 3600, e.g. 30 or 2.5s",
-                    })?;
-                self.stall_timeout = Duration::from_secs_f64(seconds);
+                self.stall_timeout = seconds(
+                    name,
+                    &need(value)?,
+                    0.1..=3600.0,
+                    "a number of seconds between 0.1 and 3600, e.g. 30 or 2.5s",
+                )?
+            }
+            "timeout" => {
+                self.timeout = seconds(
+                    name,
+                    &need(value)?,
+                    0.1..=86400.0,
+                    "a number of seconds between 0.1 and 86400, e.g. 60",
+                )?
+            }
+            "snapshot_linger" => {
+                self.snapshot_linger = seconds(
+                    name,
+                    &need(value)?,
+                    0.0..=86400.0,
+                    "a number of seconds between 0 and 86400, e.g. 60",
+                )?
             }
             "snapshot" => {
                 self.snapshot = match value {
@@ -402,6 +438,26 @@ impl MountOptions {
         }
         Ok(())
     }
+}
+
+/// `30`, `2.5` or `2.5s`, finite and within `range`.
+fn seconds(
+    name: &str,
+    text: &str,
+    range: std::ops::RangeInclusive<f64>,
+    expected: &'static str,
+) -> Result<Duration, OptionError> {
+    text.strip_suffix('s')
+        .unwrap_or(text)
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && range.contains(s))
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| OptionError::BadValue {
+            name: name.to_string(),
+            value: text.to_string(),
+            expected,
+        })
 }
 
 impl FleetParts {
@@ -582,5 +638,39 @@ mod tests {
         assert!(options.allow_other && options.insecure);
         let options = MountOptions::parse(["stall_timeout=2.5s"]).unwrap();
         assert_eq!(options.stall_timeout, Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn timeouts_and_linger() {
+        let options = MountOptions::parse([""]).unwrap();
+        assert_eq!(options.timeout, Duration::from_secs(60));
+        assert_eq!(options.snapshot_linger, Duration::from_secs(60));
+        let options = MountOptions::parse(["timeout=5,snapshot_linger=0"]).unwrap();
+        assert_eq!(options.timeout, Duration::from_secs(5));
+        assert_eq!(options.snapshot_linger, Duration::ZERO);
+        for bad in [
+            "timeout=0",
+            "timeout=-1",
+            "timeout=nan",
+            "timeout=inf",
+            "timeout=1e400",
+            "snapshot_linger=-5",
+            "snapshot_linger=soon",
+            "snapshot_linger=1e9",
+        ] {
+            let err = MountOptions::parse([bad]).unwrap_err().to_string();
+            let name = bad.split('=').next().unwrap();
+            assert!(err.starts_with(&format!("option '{name}'")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn burst_has_a_floor() {
+        for bad in ["burst=0", "burst=1", "burst=4095"] {
+            let err = MountOptions::parse([bad]).unwrap_err().to_string();
+            assert!(err.contains("at least 4K"), "{bad}: {err}");
+        }
+        let options = MountOptions::parse(["rate=1M,burst=4K"]).unwrap();
+        assert_eq!(options.effective_burst(), Some(4096));
     }
 }

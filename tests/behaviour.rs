@@ -186,17 +186,22 @@ fn invalid_provider_names_are_mapped_safely() {
     assert!(long_name.len() - "./vm/".len() <= 255);
     for expected in [
         "./%2E%2E/..%2F..%2Fetc%2Fpasswd",
-        "./%2E%2E/%00",
+        "./%2E%2E/%",
         "./%2E/%2E",
         "./%2E/nul%00byte",
         "./vm/dup",
-        "./vm/dup~2",
     ] {
         assert!(
             files.contains(&expected),
             "{expected} missing from {files:?}"
         );
     }
+    // The second "dup" gets a suffix from a hash of what it is, not its
+    // place among its siblings, so its path is stable.
+    assert!(
+        files.iter().any(|f| f.starts_with("./vm/dup%~")),
+        "{files:?}"
+    );
     for file in &files {
         let bytes = std::fs::read(mount.path.join(file)).unwrap();
         assert_eq!(bytes, b"0123456789", "{file}");
@@ -242,10 +247,11 @@ fn a_changed_source_fails_that_read_with_eio_and_the_mount_stays_up() {
         "a new open reads the new version"
     );
 
-    // A disk removed from the source: EIO (or ENOENT at open), the mount lives.
+    // A disk removed from the source since listing: ENOENT at open (a
+    // backup tool tells "gone" from "broken"), the mount lives.
     std::fs::remove_file(src.path().join("vm/other.raw")).unwrap();
     let err = std::fs::read(mount.file("vm/other.raw")).expect_err("removed disk");
-    assert!(matches!(err.raw_os_error(), Some(libc::EIO)), "{err}");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
     assert!(mount.file("vm").is_dir());
 }
 

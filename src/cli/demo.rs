@@ -42,7 +42,8 @@ pub fn run(rate: &str, disk: &str) -> anyhow::Result<()> {
         .context("making a temporary directory")?;
     let mountpoint = workdir.path().join("mnt");
     std::fs::create_dir(&mountpoint)?;
-    let mountpoint = check_mountpoint(&mountpoint)?;
+    // A fresh directory: nothing is mounted there to clear.
+    let mountpoint = check_mountpoint(&mountpoint, &mut Vec::new())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -78,6 +78,7 @@ enum Command {
 
 /// Runs the command line and returns the process exit status.
 pub fn main() -> i32 {
+    log_panics();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Mount {
@@ -116,6 +117,33 @@ fn source_from_env(source: String) -> anyhow::Result<String> {
 }
 
 const SOURCE_ENV: &str = "VMEXPORTFS_SOURCE";
+
+/// A panic anywhere — a FUSE thread, a fetch task, the control socket —
+/// goes to the log with where it happened; the code around it contains it
+/// (one request fails, the mount goes on).
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|text| text.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let location = info
+            .location()
+            .map(|at| format!("{}:{}:{}", at.file(), at.line(), at.column()))
+            .unwrap_or_else(|| "unknown location".into());
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        if tracing::dispatcher::has_been_set() {
+            tracing::error!(%location, %thread, "panic: {message}");
+        } else {
+            eprintln!("vmexportfs: panic at {location} (thread {thread}): {message}");
+        }
+    }));
+}
 
 /// Logs to stderr at `info` unless RUST_LOG says otherwise.
 pub(crate) fn init_stderr_logging() {

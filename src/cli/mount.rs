@@ -24,6 +24,7 @@ use crate::fs::{FsCore, Ownership};
 use crate::fuse::FuseAdapter;
 use crate::options::{Control, MountOptions};
 use crate::provider::{open_source, redact_url};
+use crate::read::retry::RetryPolicy;
 use crate::read::{ReadConfig, ReadPath};
 use crate::size::HumanBytes;
 use crate::throttle::fleet::Fleet;
@@ -111,33 +112,119 @@ fn lazy_unmount(mountpoint: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The filesystem type our mounts show in /proc/mounts.
+const FSTYPE: &str = "fuse.vmexportfs";
+/// How long a mount already there may take to answer before it is taken
+/// for live (a stopped daemon hangs every request).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Canonical mountpoint, refused when missing, not a directory or in use.
-pub fn check_mountpoint(mountpoint: &Path) -> anyhow::Result<PathBuf> {
-    let canonical = mountpoint
-        .canonicalize()
-        .map_err(|err| anyhow!("mountpoint {}: {err}", mountpoint.display()))?;
-    let meta = std::fs::metadata(&canonical)
-        .map_err(|err| anyhow!("mountpoint {}: {err}", mountpoint.display()))?;
-    if !meta.is_dir() {
-        bail!("mountpoint {} is not a directory", mountpoint.display());
+/// A dead vmexportfs mount there (its daemon killed: every access gets
+/// ENOTCONN) is cleared first, so that a restart loop recovers; what was
+/// cleared goes into `notes`, for the log once it is open.
+pub fn check_mountpoint(mountpoint: &Path, notes: &mut Vec<String>) -> anyhow::Result<PathBuf> {
+    let shown = mountpoint.display();
+    let canonical = match mountpoint.canonicalize() {
+        Ok(canonical) => canonical,
+        // The path itself is a dead FUSE mount: resolve its parent.
+        Err(err) if err.raw_os_error() == Some(libc::ENOTCONN) => {
+            let absolute = std::path::absolute(mountpoint)
+                .map_err(|err| anyhow!("mountpoint {shown}: {err}"))?;
+            let (Some(parent), Some(name)) = (absolute.parent(), absolute.file_name()) else {
+                bail!("mountpoint {shown}: {err}");
+            };
+            parent
+                .canonicalize()
+                .map_err(|err| anyhow!("mountpoint {shown}: {err}"))?
+                .join(name)
+        }
+        Err(err) => bail!("mountpoint {shown}: {err}"),
+    };
+    if let Some(fstype) = mounted_type(&canonical)? {
+        match probe(&canonical) {
+            Probe::Dead if fstype == FSTYPE => {
+                lazy_unmount(&canonical)?;
+                notes.push(format!(
+                    "cleared a dead vmexportfs mount on {} (its daemon was gone)",
+                    canonical.display()
+                ));
+                // A second dead mount stacked below it is cleared too.
+                return check_mountpoint(&canonical, notes);
+            }
+            Probe::Dead => bail!(
+                "mountpoint {shown} holds a dead {fstype} mount that is not vmexportfs': unmount it first"
+            ),
+            Probe::Live => bail!(
+                "mountpoint {shown} is already in use ({fstype} is mounted there)"
+            ),
+            Probe::Hung => bail!(
+                "mountpoint {shown} is already in use ({fstype} is mounted there and does not answer)"
+            ),
+        }
     }
-    if is_mount_point(&canonical)? {
-        bail!(
-            "mountpoint {} is already in use (something is mounted there)",
-            mountpoint.display()
-        );
+    let meta = std::fs::metadata(&canonical).map_err(|err| anyhow!("mountpoint {shown}: {err}"))?;
+    if !meta.is_dir() {
+        bail!("mountpoint {shown} is not a directory");
     }
     Ok(canonical)
 }
 
-fn is_mount_point(path: &Path) -> anyhow::Result<bool> {
+/// The type of the filesystem mounted at `path` (the topmost), if any.
+fn mounted_type(path: &Path) -> anyhow::Result<Option<String>> {
     let mountinfo =
         std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    let wanted = path.to_string_lossy();
-    Ok(mountinfo
+    Ok(mountinfo_type(&mountinfo, &path.to_string_lossy()))
+}
+
+/// In mountinfo, field 5 is the mountpoint and the type follows the ` - `
+/// separator; later lines are mounted on top of earlier ones.
+fn mountinfo_type(mountinfo: &str, wanted: &str) -> Option<String> {
+    mountinfo
         .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|field| unescape_mountinfo(field) == wanted))
+        .filter(|line| line.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(wanted))
+        .filter_map(|line| {
+            let (_, after) = line.split_once(" - ")?;
+            after.split(' ').next().map(unescape_mountinfo)
+        })
+        .next_back()
+}
+
+enum Probe {
+    Live,
+    /// ENOTCONN: the daemon that served it is gone.
+    Dead,
+    Hung,
+}
+
+fn probe(path: &Path) -> Probe {
+    let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return Probe::Live;
+    };
+    let (sender, answer) = std::sync::mpsc::channel();
+    // A thread of its own: statfs on a stopped daemon's mount never returns.
+    let prober = std::thread::Builder::new()
+        .name("mount-probe".into())
+        .spawn(move || {
+            // SAFETY: statfs writes into the zeroed struct and nothing else.
+            let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+            let result = unsafe { libc::statfs(c_path.as_ptr(), &mut stat) };
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            let _ = sender.send((result, errno));
+        });
+    let Ok(prober) = prober else {
+        return Probe::Live;
+    };
+    let answer = answer.recv_timeout(PROBE_TIMEOUT);
+    if answer.is_ok() {
+        // Gone before the fork that may follow: a forked child must come
+        // from a process with one thread.
+        let _ = prober.join();
+    }
+    match answer {
+        Ok((-1, Some(libc::ENOTCONN))) => Probe::Dead,
+        Ok(_) => Probe::Live,
+        Err(_) => Probe::Hung,
+    }
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -192,6 +279,10 @@ pub fn mount(
         Arc::clone(&throttle),
         ReadConfig {
             memory: options.cache,
+            retry: RetryPolicy {
+                timeout: options.timeout,
+                ..RetryPolicy::default()
+            },
             ..ReadConfig::default()
         },
     );
@@ -212,7 +303,12 @@ pub fn mount(
         MountOption::NoSuid,
         MountOption::NoDev,
     ];
-    if options.default_permissions {
+    // Other users must get exactly what uid=/gid=/umask= allow: without
+    // default_permissions the kernel would let them read 0400 files.
+    if options.allow_other && !options.default_permissions {
+        tracing::info!("allow_other: turning default_permissions on, so that uid=, gid= and umask= apply to other users");
+    }
+    if options.default_permissions || options.allow_other {
         config.mount_options.push(MountOption::DefaultPermissions);
     }
     config.acl = if options.allow_other {
@@ -418,9 +514,14 @@ pub fn run(
     foreground: bool,
 ) -> anyhow::Result<()> {
     let options = MountOptions::parse(option_groups.iter().map(String::as_str))?;
-    let mountpoint = check_mountpoint(mountpoint)?;
+    // Limits past what the throttle accepts (rate=2T) are refused here with
+    // one line rather than clamped later.
+    crate::control::check_options(&options).map_err(|err| anyhow!("{err}"))?;
+    let mut notes = Vec::new();
+    let mountpoint = check_mountpoint(mountpoint, &mut notes)?;
     if foreground {
         super::init_stderr_logging();
+        log_notes(&notes);
         let runtime = build_runtime()?;
         let mounted = mount(
             source,
@@ -446,6 +547,7 @@ pub fn run(
             drop(read_end);
             let mut ready = std::fs::File::from(write_end);
             let status = match run_daemon(
+                &notes,
                 source,
                 &mountpoint,
                 &options,
@@ -484,7 +586,14 @@ pub fn run(
     }
 }
 
+fn log_notes(notes: &[String]) {
+    for note in notes {
+        tracing::warn!("{note}");
+    }
+}
+
 fn run_daemon(
+    notes: &[String],
     source: &str,
     mountpoint: &Path,
     options: &MountOptions,
@@ -497,6 +606,7 @@ fn run_daemon(
         libc::setsid();
     }
     init_file_logging(log_path)?;
+    log_notes(notes);
     detach_stdio()?;
     let runtime = build_runtime()?;
     let mounted = mount(source, mountpoint, options, option_groups, runtime.handle())?;
@@ -558,9 +668,14 @@ fn init_file_logging(path: &Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("log directory {}", dir.display()))?;
     }
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never through a symlink someone planted in a shared directory, and
+    // readable by the mounting user only: paths and errors are in it.
     let file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .with_context(|| format!("log file {}", path.display()))?;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -576,6 +691,22 @@ fn init_file_logging(path: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_gives_the_topmost_type() {
+        let mountinfo = "22 1 0:21 / /mnt/a rw - ext4 /dev/vda rw\n\
+                         40 22 0:40 / /mnt/a\\040b ro,nosuid - fuse.vmexportfs demo:// ro\n\
+                         41 22 0:41 / /mnt/a ro - fuse.vmexportfs dir:///x ro\n";
+        assert_eq!(
+            mountinfo_type(mountinfo, "/mnt/a").as_deref(),
+            Some("fuse.vmexportfs")
+        );
+        assert_eq!(
+            mountinfo_type(mountinfo, "/mnt/a b").as_deref(),
+            Some("fuse.vmexportfs")
+        );
+        assert_eq!(mountinfo_type(mountinfo, "/mnt"), None);
+    }
 
     #[test]
     fn mountinfo_escapes() {

@@ -15,7 +15,8 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use crate::error::FsError;
-use crate::provider::{Provider, ProviderError};
+use crate::provider::{Inventory, Provider, ProviderError};
+use crate::read::retry::Budget;
 use crate::read::{FileReader, Opener, ReadPath, Started};
 use crate::throttle::priority::Priorities;
 use tree::{NodeKind, Tree};
@@ -79,6 +80,22 @@ pub struct StatFs {
     pub name_max: u32,
 }
 
+/// A size above i64::MAX cannot be a file (`st_size` and `off_t` are
+/// signed): such a disk is a provider's bad answer, left out with a log line.
+fn refuse_impossible_sizes(mut inventory: Inventory) -> Inventory {
+    inventory.disks.retain(|disk| {
+        let fits = i64::try_from(disk.size).is_ok();
+        if !fits {
+            tracing::warn!(
+                path = %disk.path.join("/"), size = disk.size,
+                "left out: the provider gives a size above i64::MAX"
+            );
+        }
+        fits
+    });
+    inventory
+}
+
 pub struct FsCore {
     tree: Tree,
     provider: Arc<dyn Provider>,
@@ -95,7 +112,11 @@ impl FsCore {
         read_path: Arc<ReadPath>,
         owner: Ownership,
     ) -> Result<Self, ProviderError> {
-        let inventory = provider.list().await?;
+        // The SDKs make one attempt each: listing gets the mount's retries.
+        let inventory = read_path
+            .retrying(&mut Budget::default(), "/", "list", || provider.list())
+            .await?;
+        let inventory = refuse_impossible_sizes(inventory);
         Ok(FsCore {
             tree: Tree::build(&inventory),
             provider,
@@ -202,24 +223,31 @@ impl FsCore {
         })?;
         // Pin the version, then learn where its data is (sparse disks).
         let pinned = async {
-            let (current_size, version) = self
+            // One time budget for the whole open: timeout= bounds it.
+            let mut budget = Budget::default();
+            let pinned = self
                 .read_path
-                .retrying(&path, "open", || {
-                    self.read_path.calls.timed("stat", self.provider.stat(disk))
+                .retrying(&mut budget, &path, "open", || {
+                    self.read_path.calls.timed("stat", self.provider.pin(disk))
                 })
                 .await?;
+            if i64::try_from(pinned.size).is_err() {
+                return Err(ProviderError::Protocol(format!(
+                    "the provider gives a size of {} bytes, above i64::MAX",
+                    pinned.size
+                )));
+            }
             let data = self
                 .read_path
-                .retrying(&path, "open", || {
-                    self.read_path.calls.timed(
-                        "data_ranges",
-                        self.provider.data_ranges(disk, &version, current_size),
-                    )
+                .retrying(&mut budget, &path, "open", || {
+                    self.read_path
+                        .calls
+                        .timed("data_ranges", self.provider.data_ranges(disk, &pinned))
                 })
                 .await?;
-            Ok::<_, ProviderError>((current_size, version, data))
+            Ok::<_, ProviderError>((pinned, data))
         };
-        let (current_size, version, data) = match pinned.await {
+        let (pinned, data) = match pinned.await {
             Ok(pinned) => pinned,
             Err(source) => {
                 tracing::warn!(%path, "open failed: {source}");
@@ -230,19 +258,14 @@ impl FsCore {
                 });
             }
         };
+        let current_size = pinned.size;
         let listed = size.swap(current_size, Ordering::Relaxed);
         if listed != current_size {
             tracing::info!(%path, listed, current_size, "disk size changed since it was listed");
         }
-        let reader = self.read_path.open(
-            ino,
-            Arc::clone(disk),
-            version,
-            current_size,
-            path,
-            data,
-            opener,
-        );
+        let reader = self
+            .read_path
+            .open(ino, Arc::clone(disk), pinned, path, data, opener);
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles
             .write()

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 
-use super::{DiskEntry, Inventory, Provider, ProviderError, Version};
+use super::{DiskEntry, Inventory, Pinned, Provider, ProviderError, Version};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -62,23 +62,22 @@ impl Provider for DemoProvider {
         })
     }
 
-    async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
-        Ok((disk.size, disk.version.clone()))
+    async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError> {
+        Ok(Pinned::new(disk.size, disk.version.clone()))
     }
 
     async fn data_ranges(
         &self,
         _disk: &DiskEntry,
-        _version: &Version,
-        size: u64,
+        pinned: &Pinned,
     ) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
-        Ok(Some(data_ranges_of(size)))
+        Ok(Some(data_ranges_of(pinned.size)))
     }
 
     async fn read(
         &self,
         disk: &DiskEntry,
-        _version: &Version,
+        _pinned: &Pinned,
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ProviderError> {

@@ -6,30 +6,33 @@
 //! (it holds `Virtual Hard Disks/`) is shown as that single VM.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::dir::{check_root, data_ranges_blocking, entry_for, read_blocking, stat_file};
-use super::{DiskEntry, Inventory, Provider, ProviderError, Version};
+use super::local::{component, data_ranges_blocking, pin_blocking, read_blocking, LocalTree};
+use super::{DiskEntry, Inventory, Pinned, Provider, ProviderError};
 
 const DISK_FOLDER: &str = "virtual hard disks";
 const DISK_EXTENSIONS: &[&str] = &["vhdx", "vhd", "avhdx", "avhd"];
 
 pub struct HyperVProvider {
-    root: PathBuf,
+    tree: Arc<LocalTree>,
 }
 
 impl HyperVProvider {
     pub fn new(root: PathBuf) -> Result<Self, ProviderError> {
-        check_root(&root)?;
-        Ok(HyperVProvider { root })
+        Ok(HyperVProvider {
+            tree: Arc::new(LocalTree::open(root)?),
+        })
     }
 }
 
-/// Finds a child directory by name the way Windows does: case-insensitively.
-fn child_dir(parent: &Path, wanted: &str) -> std::io::Result<Option<PathBuf>> {
-    for entry in std::fs::read_dir(parent)? {
+/// Finds a child directory of `parent` (below the root) by name the way
+/// Windows does: case-insensitively. Returns its path below the root.
+fn child_dir(tree: &LocalTree, parent: &Path, wanted: &str) -> std::io::Result<Option<PathBuf>> {
+    for entry in std::fs::read_dir(tree.root().join(parent))? {
         let entry = entry?;
         if entry.file_type()?.is_dir()
             && entry
@@ -37,7 +40,7 @@ fn child_dir(parent: &Path, wanted: &str) -> std::io::Result<Option<PathBuf>> {
                 .to_string_lossy()
                 .eq_ignore_ascii_case(wanted)
         {
-            return Ok(Some(entry.path()));
+            return Ok(Some(parent.join(entry.file_name())));
         }
     }
     Ok(None)
@@ -51,16 +54,22 @@ fn is_disk(name: &str) -> bool {
     })
 }
 
-fn add_vm(vm_name: String, disks_dir: &Path, out: &mut Inventory) -> std::io::Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(disks_dir)?.collect::<Result<_, _>>()?;
+fn add_vm(
+    tree: &LocalTree,
+    vm_name: String,
+    disks_dir: &Path,
+    out: &mut Inventory,
+) -> std::io::Result<()> {
+    let mut entries: Vec<_> =
+        std::fs::read_dir(tree.root().join(disks_dir))?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|entry| entry.file_name());
     let before = out.disks.len();
     for entry in entries {
-        let name = entry.file_name().to_string_lossy().into_owned();
+        let name = component(&entry.file_name());
         if entry.file_type()?.is_file() && is_disk(&name) {
-            out.disks.push(entry_for(
+            out.disks.push(tree.entry(
                 vec![vm_name.clone(), name],
-                &entry.path(),
+                &disks_dir.join(entry.file_name()),
                 &entry.metadata()?,
             ));
         }
@@ -71,28 +80,32 @@ fn add_vm(vm_name: String, disks_dir: &Path, out: &mut Inventory) -> std::io::Re
     Ok(())
 }
 
-fn list_export(root: &Path) -> std::io::Result<Inventory> {
+fn list_export(tree: &LocalTree) -> std::io::Result<Inventory> {
     let mut inventory = Inventory::default();
-    if let Some(disks_dir) = child_dir(root, DISK_FOLDER)? {
-        let vm_name = root
+    let top = Path::new("");
+    if let Some(disks_dir) = child_dir(tree, top, DISK_FOLDER)? {
+        let vm_name = tree
+            .root()
             .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
+            .map(component)
             .unwrap_or_else(|| "vm".into());
-        add_vm(vm_name, &disks_dir, &mut inventory)?;
+        add_vm(tree, vm_name, &disks_dir, &mut inventory)?;
         return Ok(inventory);
     }
-    let mut vms: Vec<_> = std::fs::read_dir(root)?.collect::<Result<_, _>>()?;
+    let mut vms: Vec<_> = std::fs::read_dir(tree.root())?.collect::<Result<_, _>>()?;
     vms.sort_by_key(|entry| entry.file_name());
     for vm in vms {
         if !vm.file_type()?.is_dir() {
             continue;
         }
-        if let Some(disks_dir) = child_dir(&vm.path(), DISK_FOLDER)? {
-            add_vm(
-                vm.file_name().to_string_lossy().into_owned(),
-                &disks_dir,
-                &mut inventory,
-            )?;
+        let vm_dir = Path::new(vm.file_name().as_os_str()).to_path_buf();
+        // One unreadable VM folder must not hide the others.
+        let listed = child_dir(tree, &vm_dir, DISK_FOLDER).and_then(|disks_dir| match disks_dir {
+            Some(disks_dir) => add_vm(tree, component(&vm.file_name()), &disks_dir, &mut inventory),
+            None => Ok(()),
+        });
+        if let Err(err) = listed {
+            tracing::warn!(directory = %vm.path().display(), "skipping an unreadable VM folder: {err}");
         }
     }
     Ok(inventory)
@@ -101,9 +114,10 @@ fn list_export(root: &Path) -> std::io::Result<Inventory> {
 #[async_trait]
 impl Provider for HyperVProvider {
     async fn list(&self) -> Result<Inventory, ProviderError> {
-        let root = self.root.clone();
+        let tree = Arc::clone(&self.tree);
         let inventory = tokio::task::spawn_blocking(move || {
-            list_export(&root).map_err(|err| {
+            let root = tree.root();
+            list_export(&tree).map_err(|err| {
                 ProviderError::Io(std::io::Error::new(
                     err.kind(),
                     format!("listing Hyper-V export {}: {err}", root.display()),
@@ -115,33 +129,32 @@ impl Provider for HyperVProvider {
         if inventory.disks.is_empty() && inventory.empty_dirs.is_empty() {
             return Err(ProviderError::NotFound(format!(
                 "{} holds no Hyper-V export (no '<VM>/Virtual Hard Disks/' folder)",
-                self.root.display()
+                self.tree.root().display()
             )));
         }
         Ok(inventory)
     }
 
-    async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
-        stat_file(&disk.locator).await
+    async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError> {
+        pin_blocking(&self.tree, disk).await
     }
 
     async fn data_ranges(
         &self,
-        disk: &DiskEntry,
-        version: &Version,
-        _size: u64,
+        _disk: &DiskEntry,
+        pinned: &Pinned,
     ) -> Result<Option<Vec<std::ops::Range<u64>>>, ProviderError> {
-        data_ranges_blocking(&disk.locator, version).await
+        data_ranges_blocking(pinned).await
     }
 
     async fn read(
         &self,
-        disk: &DiskEntry,
-        version: &Version,
+        _disk: &DiskEntry,
+        pinned: &Pinned,
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ProviderError> {
-        read_blocking(&disk.locator, version, offset, len).await
+        read_blocking(pinned, offset, len).await
     }
 }
 
@@ -169,7 +182,8 @@ mod tests {
         std::fs::write(vm.join("Virtual Machines/cfg.vmcx"), b"x").unwrap();
         std::fs::create_dir_all(root.path().join("empty/virtual hard disks")).unwrap();
         std::fs::create_dir_all(root.path().join("not-a-vm")).unwrap();
-        let inventory = list_export(root.path()).unwrap();
+        let tree = LocalTree::open(root.path().to_path_buf()).unwrap();
+        let inventory = list_export(&tree).unwrap();
         assert_eq!(inventory.disks.len(), 1);
         assert_eq!(inventory.disks[0].path, vec!["web01", "web01.vhdx"]);
         assert_eq!(inventory.disks[0].size, 3);

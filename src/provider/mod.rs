@@ -21,6 +21,7 @@ pub mod gcs;
 pub mod http;
 mod http_range;
 pub mod hyperv;
+mod local;
 pub mod s3;
 pub mod vsphere;
 
@@ -44,6 +45,37 @@ pub struct DiskEntry {
 /// or size+mtime. Every ranged read carries it as a precondition.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Version(pub String);
+
+/// A disk pinned at open: its size and version then, and whatever the
+/// provider keeps for this one open file (dir://: the descriptor every read
+/// goes through, so that a path swapped later is never followed).
+#[derive(Clone)]
+pub struct Pinned {
+    pub size: u64,
+    pub version: Version,
+    pub handle: Option<Arc<dyn std::any::Any + Send + Sync>>,
+}
+
+impl Pinned {
+    /// A pin that is only a size and a version (every remote provider).
+    pub fn new(size: u64, version: Version) -> Self {
+        Pinned {
+            size,
+            version,
+            handle: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Pinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pinned")
+            .field("size", &self.size)
+            .field("version", &self.version)
+            .field("handle", &self.handle.is_some())
+            .finish()
+    }
+}
 
 #[derive(Debug, Clone, Default)]
 pub struct Inventory {
@@ -72,11 +104,14 @@ pub enum ProviderError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Config(String),
+    /// A bug of ours (a panic, contained): this call fails, the mount goes on.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl ProviderError {
     /// Every [`ProviderError::kind`], in a fixed order (metrics labels).
-    pub const KINDS: [&'static str; 8] = [
+    pub const KINDS: [&'static str; 9] = [
         "changed",
         "not_found",
         "denied",
@@ -85,6 +120,7 @@ impl ProviderError {
         "protocol",
         "io",
         "config",
+        "internal",
     ];
 
     /// A short label for the kind of failure, one of [`ProviderError::KINDS`].
@@ -98,6 +134,7 @@ impl ProviderError {
             ProviderError::Protocol(_) => 5,
             ProviderError::Io(_) => 6,
             ProviderError::Config(_) => 7,
+            ProviderError::Internal(_) => 8,
         };
         Self::KINDS[index]
     }
@@ -123,17 +160,17 @@ pub trait Provider: Send + Sync + 'static {
     /// The whole inventory under the source.
     async fn list(&self) -> Result<Inventory, ProviderError>;
 
-    /// The current size and version of one disk; called at open to pin it.
-    async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError>;
+    /// Pins one disk at its current size and version; called at open.
+    /// Every read of the open file carries what it returns.
+    async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError>;
 
-    /// The byte ranges of `size` bytes pinned at `version` that hold data,
-    /// sorted and disjoint; the rest reads as zeros and is served without
-    /// fetching. `None`: all of it is data (or the provider cannot tell).
+    /// The byte ranges of the pinned disk that hold data, sorted and
+    /// disjoint; the rest reads as zeros and is served without fetching.
+    /// `None`: all of it is data (or the provider cannot tell).
     async fn data_ranges(
         &self,
         _disk: &DiskEntry,
-        _version: &Version,
-        _size: u64,
+        _pinned: &Pinned,
     ) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
         Ok(None)
     }
@@ -161,11 +198,11 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Exactly `len` bytes at `offset` (the caller never reads past the size
     /// it pinned), failing with [`ProviderError::Changed`] if the disk is no
-    /// longer at `version`.
+    /// longer at the pinned version.
     async fn read(
         &self,
         disk: &DiskEntry,
-        version: &Version,
+        pinned: &Pinned,
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ProviderError>;
@@ -191,6 +228,7 @@ pub async fn open_source(
         other => other,
     };
     check_options_apply(kind, options)?;
+    check_no_credentials(kind, source, rest)?;
     match kind {
         "demo" => Ok(Arc::new(demo::DemoProvider::new(rest)?)),
         "dir" => Ok(Arc::new(dir::DirProvider::new(local_path(source, rest)?)?)),
@@ -208,6 +246,29 @@ pub async fn open_source(
             "unknown source scheme '{scheme}://' in '{source}': expected demo, dir, hyperv, http, https, s3, az, gs, vsphere"
         ))),
     }
+}
+
+/// A password in the source would show in /proc/mounts, `ps` and the log:
+/// refused for every scheme. A bare `user@` is vSphere's user name; any
+/// other source would silently ignore it, so it is refused too.
+fn check_no_credentials(kind: &str, source: &str, rest: &str) -> Result<(), ProviderError> {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let Some((userinfo, _)) = authority.rsplit_once('@') else {
+        return Ok(());
+    };
+    let scheme = source.split("://").next().unwrap_or(kind);
+    if userinfo.contains(':') {
+        return Err(ProviderError::Config(format!(
+            "{scheme}://: a password in the source would show in /proc/mounts and ps; \
+             use the provider's credential options (credentials=FILE, the SDK chain) instead"
+        )));
+    }
+    if kind != "vsphere" {
+        return Err(ProviderError::Config(format!(
+            "{scheme}://: a user name in the source ('{userinfo}@') is not used by {scheme}:// sources"
+        )));
+    }
+    Ok(())
 }
 
 /// Options that only some sources use. Given to another source they would
@@ -424,6 +485,31 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(expected), "{kind} {options}: {err}");
+        }
+    }
+
+    #[test]
+    fn credentials_in_the_source_are_refused() {
+        for (kind, source) in [
+            ("http", "http://user:secret@host/manifest.json"),
+            ("http", "https://user@host/manifest.json"),
+            ("s3", "s3://key:secret@bucket/prefix"),
+            ("vsphere", "vsphere://root:pw@esx/DC0"),
+            ("gs", "gs://a@bucket"),
+        ] {
+            let rest = source.split_once("://").unwrap().1;
+            assert!(
+                check_no_credentials(kind, source, rest).is_err(),
+                "{source}"
+            );
+        }
+        for (kind, source) in [
+            ("vsphere", "vsphere://admin@vc.example/DC0"),
+            ("http", "https://host/m.json?sig=a@b"),
+            ("az", "az://account/container/x@y"),
+        ] {
+            let rest = source.split_once("://").unwrap().1;
+            assert!(check_no_credentials(kind, source, rest).is_ok(), "{source}");
         }
     }
 

@@ -1,11 +1,12 @@
 //! The read path: block cache, read-ahead, single flight, cancellation.
 //!
 //! Every `read()` is served from fixed-size blocks. A block is either in the
-//! [`BlockCache`], being fetched (the fetch is shared: concurrent misses on
-//! one block wait on the same fetch — single flight), or fetched now. A
-//! fetch takes tokens from the mount's throttle for exactly the bytes it asks
-//! the provider for, then reads them, retrying transient faults with
-//! exponential backoff and full jitter.
+//! [`BlockCache`], in a hole ([`holes`]: zeros, never fetched), being
+//! fetched (the fetch is shared: concurrent misses on one block wait on the
+//! same fetch — [`flight`]), or fetched now ([`fetch`]). A fetch takes
+//! tokens from the mount's throttle for exactly the bytes it asks the
+//! provider for, then reads them, retrying transient faults within the
+//! mount's time budget ([`retry`]).
 //!
 //! Sequential readers get read-ahead ([`prefetch::Sequential`]): blocks past
 //! the one asked for are fetched in background tasks so that several fetches
@@ -21,26 +22,33 @@
 
 pub mod cache;
 pub mod calls;
+mod fetch;
+mod flight;
+pub mod holes;
 pub mod prefetch;
+pub mod retry;
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::FsError;
-use crate::provider::{DiskEntry, Provider, ProviderError, Version};
+use crate::provider::{DiskEntry, Pinned, Provider, ProviderError, Version};
 use crate::throttle::priority::Priorities;
 use crate::throttle::{Flow, Throttle};
 use cache::{BlockCache, BlockKey};
 use calls::ProviderCalls;
+use fetch::zeros;
+use flight::{FetchError, Flights, SharedFetch};
+use holes::DataMap;
 use prefetch::Sequential;
+use retry::{Budget, RetryPolicy};
 
 #[derive(Debug, Clone)]
 pub struct ReadConfig {
@@ -57,11 +65,8 @@ pub struct ReadConfig {
     /// Read-ahead of a sequential reader goes out in requests of up to the
     /// provider's preferred size, capped by this (whole blocks).
     pub max_request: u64,
-    /// Retries of a transient provider fault before the read fails.
-    pub max_retries: u32,
-    /// First backoff; doubles per retry, capped at `max_backoff`.
-    pub base_backoff: Duration,
-    pub max_backoff: Duration,
+    /// Retries and the time budget of every provider call.
+    pub retry: RetryPolicy,
 }
 
 impl Default for ReadConfig {
@@ -71,9 +76,7 @@ impl Default for ReadConfig {
             memory: crate::options::DEFAULT_CACHE,
             max_window: 32 << 20,
             max_request: 16 << 20,
-            max_retries: 6,
-            base_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_secs(5),
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -110,32 +113,6 @@ impl Opener {
         Opener { pid, command }
     }
 }
-
-/// Block `i` of a span fetched from a block boundary (a slice, no copy).
-fn block_of(span: &Bytes, i: u64, block_size: u64) -> Bytes {
-    let start = ((i * block_size) as usize).min(span.len());
-    let end = (((i + 1) * block_size) as usize).min(span.len());
-    span.slice(start..end)
-}
-
-/// Shared zeros for blocks in holes (in .bss: no memory until read).
-static ZEROS: [u8; 4 << 20] = [0; 4 << 20];
-
-fn zeros(len: usize) -> Bytes {
-    if len <= ZEROS.len() {
-        Bytes::from_static(&ZEROS[..len])
-    } else {
-        Bytes::from(vec![0; len])
-    }
-}
-
-#[derive(Debug, Clone)]
-enum FetchError {
-    Cancelled,
-    Failed(Arc<ProviderError>),
-}
-
-type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
 
 enum Lookup {
     Ready(Bytes),
@@ -196,7 +173,7 @@ impl PendingRead {
 /// One open file: a disk pinned at one version, and its reader's state.
 pub struct FileReader {
     disk: Arc<DiskEntry>,
-    version: Version,
+    pinned: Pinned,
     size: u64,
     key: u64,
     /// Path inside the mount, for log lines.
@@ -207,7 +184,7 @@ pub struct FileReader {
     /// Open files reading this same disk version, this one included.
     readers_of_version: Arc<AtomicUsize>,
     /// Where the data is, when the provider knows the disk is sparse.
-    data: Option<Vec<Range<u64>>>,
+    data: DataMap,
     opener: Opener,
     opened: Instant,
     /// Bytes returned to this open file's readers.
@@ -249,62 +226,15 @@ impl FileReader {
     pub fn set_weight(&self, weight: u32) {
         self.flow.set_weight(weight);
     }
-    /// Whether `[start, end)` holds no data at all.
-    fn is_hole(&self, start: u64, end: u64) -> bool {
-        let Some(ranges) = &self.data else {
-            return false;
-        };
-        let first = ranges.partition_point(|range| range.end <= start);
-        ranges.get(first).is_none_or(|range| range.start >= end)
-    }
-
-    /// The part of `[start, end)` from its first data byte to its last;
-    /// the whole of it when the provider gave no data ranges.
-    fn data_span(&self, start: u64, end: u64) -> Range<u64> {
-        let Some(ranges) = &self.data else {
-            return start..end;
-        };
-        let first = ranges.partition_point(|range| range.end <= start);
-        let last = ranges.partition_point(|range| range.start < end);
-        match (
-            ranges.get(first),
-            last.checked_sub(1).and_then(|i| ranges.get(i)),
-        ) {
-            (Some(a), Some(b)) if first < last => a.start.max(start)..b.end.min(end),
-            _ => start..start,
-        }
-    }
-
     /// SEEK_DATA: the first offset ≥ `offset` that holds data.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
-        if offset >= self.size {
-            return None;
-        }
-        let Some(ranges) = &self.data else {
-            return Some(offset);
-        };
-        let first = ranges.partition_point(|range| range.end <= offset);
-        ranges.get(first).map(|range| range.start.max(offset))
+        self.data.next_data(offset)
     }
 
     /// SEEK_HOLE: the first offset ≥ `offset` in a hole; the end of the
     /// file counts as one.
     pub fn next_hole(&self, offset: u64) -> Option<u64> {
-        if offset >= self.size {
-            return None;
-        }
-        let Some(ranges) = &self.data else {
-            return Some(self.size);
-        };
-        let mut at = offset;
-        // Ranges may touch (page lists are not merged): walk across them.
-        for range in &ranges[ranges.partition_point(|range| range.end <= offset)..] {
-            if range.start > at {
-                break;
-            }
-            at = range.end;
-        }
-        Some(at.min(self.size))
+        self.data.next_hole(offset)
     }
 }
 
@@ -313,7 +243,7 @@ pub struct ReadPath {
     throttle: Arc<Throttle>,
     priorities: RwLock<Priorities>,
     cache: BlockCache,
-    inflight: Mutex<HashMap<BlockKey, SharedFetch>>,
+    inflight: Flights,
     /// Bounds the buffers of fetches in flight, one permit per block.
     fetch_slots: Arc<Semaphore>,
     config: ReadConfig,
@@ -356,7 +286,7 @@ impl ReadPath {
             throttle,
             priorities: RwLock::new(Priorities::default()),
             cache: BlockCache::new(cache_capacity),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Flights::default(),
             fetch_slots: Arc::new(Semaphore::new(slots as usize)),
             max_request,
             config,
@@ -404,14 +334,13 @@ impl ReadPath {
         &self,
         ino: u64,
         disk: Arc<DiskEntry>,
-        version: Version,
-        size: u64,
+        pinned: Pinned,
         path: String,
         data: Option<Vec<Range<u64>>>,
         opener: Opener,
     ) -> Arc<FileReader> {
         self.open_files.fetch_add(1, Ordering::Relaxed);
-        let key = file_key(ino, &version);
+        let key = file_key(ino, &pinned.version);
         let readers_of_version = {
             let mut readers = self
                 .readers_per_version
@@ -425,10 +354,10 @@ impl ReadPath {
         Arc::new(FileReader {
             key,
             readers_of_version,
-            data,
+            data: DataMap::new(data, pinned.size),
             disk,
-            version,
-            size,
+            size: pinned.size,
+            pinned,
             path,
             cancel: self.shutdown.child_token(),
             sequential: Mutex::new(Sequential::default()),
@@ -611,7 +540,9 @@ impl ReadPath {
         index: u64,
         mut lookup: Lookup,
     ) -> Result<Bytes, FsError> {
-        loop {
+        // Each round joins a fetch that another file started and then
+        // closed; a few rounds are plenty, endless ones would be a bug.
+        for _ in 0..MAX_REJOINS {
             let fetch = match lookup {
                 Lookup::Ready(block) => return Ok(block),
                 Lookup::Pending(fetch) => fetch,
@@ -630,6 +561,8 @@ impl ReadPath {
                 }
             }
         }
+        tracing::error!(path = %reader.path, index, "a block's fetch was cancelled {MAX_REJOINS} times in a row");
+        Err(FsError::Cancelled)
     }
 
     /// The block from the cache, or the fetch that will produce it (joining
@@ -641,7 +574,7 @@ impl ReadPath {
         };
         let start = index * self.config.block_size;
         let end = (start + self.config.block_size).min(reader.size);
-        if reader.is_hole(start, end) {
+        if reader.data.is_hole(start, end) {
             // Unwritten: zeros, with no fetch and no tokens.
             self.stats.hole_blocks.fetch_add(1, Ordering::Relaxed);
             return Lookup::Ready(zeros((end - start) as usize));
@@ -650,10 +583,7 @@ impl ReadPath {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Lookup::Ready(block);
         }
-        let mut inflight = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut inflight = self.inflight.lock();
         if let Some(fetch) = inflight.get(&key) {
             return Lookup::Pending(fetch.clone());
         }
@@ -670,10 +600,7 @@ impl ReadPath {
     /// nor holes are fetched, each consecutive stretch in one request.
     fn prefetch(self: &Arc<Self>, reader: &Arc<FileReader>, blocks: Range<u64>) {
         let block_size = self.config.block_size;
-        let mut inflight = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut inflight = self.inflight.lock();
         let mut stretch: Option<u64> = None;
         for index in blocks.start..=blocks.end {
             let missing = index < blocks.end && {
@@ -683,7 +610,7 @@ impl ReadPath {
                 };
                 let start = index * block_size;
                 let end = (start + block_size).min(reader.size);
-                !reader.is_hole(start, end)
+                !reader.data.is_hole(start, end)
                     && !inflight.contains_key(&key)
                     && !self.cache.contains(&key)
             };
@@ -702,168 +629,34 @@ impl ReadPath {
         }
     }
 
-    /// Starts one fetch of `count` blocks from `first` and registers each
-    /// block's share of it as in flight (under the caller's lock, so that
-    /// the task's own removal always comes after the insertion); returns
-    /// the first block's.
-    fn start_fetch(
-        self: &Arc<Self>,
-        inflight: &mut HashMap<BlockKey, SharedFetch>,
-        reader: &Arc<FileReader>,
-        first: u64,
-        count: u64,
-    ) -> SharedFetch {
-        let this = Arc::clone(self);
-        let owner = Arc::clone(reader);
-        let block_size = self.config.block_size;
-        let file = reader.key;
-        let key = move |index| BlockKey { file, index };
-        let task = tokio::spawn(async move {
-            let result = tokio::select! {
-                biased;
-                _ = owner.cancel.cancelled() => Err(FetchError::Cancelled),
-                result = this.fetch_span(&owner, first, count) => result,
-            };
-            if let Ok(span) = &result {
-                for i in 0..count {
-                    this.cache
-                        .insert(key(first + i), block_of(span, i, block_size));
-                }
-            }
-            let mut inflight = this
-                .inflight
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for i in 0..count {
-                inflight.remove(&key(first + i));
-            }
-            result
-        });
-        let whole = async move { task.await.unwrap_or(Err(FetchError::Cancelled)) }.boxed();
-        if count == 1 {
-            let fetch = whole.shared();
-            inflight.insert(BlockKey { file, index: first }, fetch.clone());
-            return fetch;
-        }
-        let whole = whole.shared();
-        let share = |i: u64| {
-            whole
-                .clone()
-                .map(move |result| result.map(|span| block_of(&span, i, block_size)))
-                .boxed()
-                .shared()
-        };
-        for i in 1..count {
-            inflight.insert(
-                BlockKey {
-                    file,
-                    index: first + i,
-                },
-                share(i),
-            );
-        }
-        let fetch = share(0);
-        inflight.insert(BlockKey { file, index: first }, fetch.clone());
-        fetch
-    }
-
-    /// `count` blocks from `first`, in one provider request.
-    async fn fetch_span(
-        &self,
-        reader: &FileReader,
-        first: u64,
-        count: u64,
-    ) -> Result<Bytes, FetchError> {
-        let offset = first * self.config.block_size;
-        let block_len = (count * self.config.block_size).min(reader.size - offset);
-        // A span that is partly hole: only from its first data byte to its
-        // last is fetched and charged; the rest is zeros.
-        let span = reader.data_span(offset, offset + block_len);
-        let len = span.end - span.start;
-        // A run is at most half the window, which is at most half the cache
-        // (three quarters of `memory`), so it never asks for more slots than
-        // the `memory / 4` there are.
-        let _slots = self
-            .fetch_slots
-            .acquire_many(count as u32)
-            .await
-            .map_err(|_| FetchError::Cancelled)?;
-        self.stats.fetches_in_flight.fetch_add(1, Ordering::Relaxed);
-        let _in_flight = InFlight(&self.stats.fetches_in_flight);
-        let result = self
-            .retrying(&reader.path, "read", || async {
-                self.throttle.acquire(&reader.flow, len).await;
-                self.stats.fetches.fetch_add(1, Ordering::Relaxed);
-                let data = self
-                    .calls
-                    .timed(
-                        "read",
-                        self.provider
-                            .read(&reader.disk, &reader.version, span.start, len as usize),
-                    )
-                    .await?;
-                if data.len() as u64 != len {
-                    return Err(ProviderError::Protocol(format!(
-                        "asked for {len} bytes at {}, got {}",
-                        span.start,
-                        data.len()
-                    )));
-                }
-                Ok(data)
-            })
-            .await;
-        match result {
-            Ok(data) => {
-                self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
-                if len == block_len {
-                    return Ok(data);
-                }
-                let mut block = vec![0u8; block_len as usize];
-                let at = (span.start - offset) as usize;
-                block[at..at + data.len()].copy_from_slice(&data);
-                Ok(Bytes::from(block))
-            }
-            Err(err) => Err(self.failed(reader, span.start, len, err)),
-        }
-    }
-
-    /// Runs a provider call, retrying transient failures (timeouts, resets,
-    /// stalls, 5xx, throttling) with exponential backoff and full jitter;
-    /// gives up with the last error when the retries are spent.
+    /// Runs a provider call with the mount's retries, within what is
+    /// left of `budget` (see [`retry`]).
     pub async fn retrying<T, F, Fut>(
         &self,
+        budget: &mut Budget,
         path: &str,
         operation: &str,
-        mut call: F,
+        call: F,
     ) -> Result<T, ProviderError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, ProviderError>>,
     {
-        let mut attempt = 0;
-        loop {
-            match call().await {
-                Err(err) if err.is_transient() && attempt < self.config.max_retries => {
-                    let pause = backoff(attempt, self.config.base_backoff, self.config.max_backoff);
-                    tracing::info!(
-                        %path, attempt = attempt + 1,
-                        "{operation} failed, retrying in {pause:?}: {err}"
-                    );
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(pause).await;
-                    attempt += 1;
-                }
-                result => return result,
-            }
-        }
-    }
-
-    fn failed(&self, reader: &FileReader, offset: u64, len: u64, err: ProviderError) -> FetchError {
-        self.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(path = %reader.path, offset, len, "read failed: {err}");
-        FetchError::Failed(Arc::new(err))
+        self.config
+            .retry
+            .run(
+                budget,
+                &self.stats.retries,
+                (path, operation),
+                || std::future::ready(()),
+                call,
+            )
+            .await
     }
 }
+
+/// Rounds a read re-joins a block whose fetch was cancelled under it.
+const MAX_REJOINS: u32 = 16;
 
 /// Counts a fetch out of the in-flight gauge however it ends.
 struct InFlight<'a>(&'a AtomicU64);
@@ -872,20 +665,6 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// Full jitter: a random pause in [0, min(max, base·2^attempt)], so that
-/// many readers retrying together spread out.
-fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
-    let ceiling = base.saturating_mul(1 << attempt.min(16)).min(max);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    // A cheap mix of the clock is random enough to de-synchronise retries.
-    let mixed = u64::from(nanos).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 11;
-    let fraction = (mixed % 1_000_001) as f64 / 1_000_000.0;
-    ceiling.mul_f64(fraction)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::*;
-use crate::provider::{DiskEntry, Inventory, Provider, ProviderError, Version};
+use crate::provider::{DiskEntry, Inventory, Pinned, Provider, ProviderError, Version};
 use crate::throttle::Limit;
 
 const MIB: u64 = 1 << 20;
@@ -26,6 +26,8 @@ struct MockProvider {
     transient_failures: AtomicU32,
     /// Every read fails with a permanent error.
     broken: std::sync::atomic::AtomicBool,
+    /// The next this many reads panic (a bug in a provider).
+    panics: AtomicU32,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
 }
@@ -37,6 +39,7 @@ impl MockProvider {
             requests: Mutex::new(Vec::new()),
             transient_failures: AtomicU32::new(0),
             broken: Default::default(),
+            panics: AtomicU32::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
         })
@@ -53,8 +56,8 @@ impl Provider for MockProvider {
         Ok(Inventory::default())
     }
 
-    async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
-        Ok((disk.size, disk.version.clone()))
+    async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError> {
+        Ok(Pinned::new(disk.size, disk.version.clone()))
     }
 
     /// Like an object store.
@@ -65,7 +68,7 @@ impl Provider for MockProvider {
     async fn read(
         &self,
         _disk: &DiskEntry,
-        _version: &Version,
+        _pinned: &Pinned,
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ProviderError> {
@@ -74,8 +77,15 @@ impl Provider for MockProvider {
         self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(self.latency).await;
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self
+            .panics
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("mock: a provider bug");
+        }
         if self.broken.load(Ordering::SeqCst) {
-            return Err(ProviderError::Denied("mock: always fails".into()));
+            return Err(ProviderError::Protocol("mock: always fails".into()));
         }
         if self
             .transient_failures
@@ -106,8 +116,11 @@ fn read_path(provider: Arc<MockProvider>, memory: u64) -> Arc<ReadPath> {
         ReadConfig {
             block_size: MIB,
             memory,
-            base_backoff: Duration::from_millis(1),
-            max_backoff: Duration::from_millis(5),
+            retry: RetryPolicy {
+                base_backoff: Duration::from_millis(1),
+                max_backoff: Duration::from_millis(5),
+                ..RetryPolicy::default()
+            },
             ..ReadConfig::default()
         },
     )
@@ -117,8 +130,7 @@ fn open(path: &Arc<ReadPath>, size: u64) -> Arc<FileReader> {
     path.open(
         7,
         disk(size),
-        Version("v1".into()),
-        size,
+        Pinned::new(size, Version("v1".into())),
         "/vm/disk".into(),
         None,
         Opener::default(),
@@ -318,8 +330,7 @@ async fn holes_read_as_zeros_without_fetching_and_seek_finds_them() {
     let reader = path.open(
         7,
         disk(size),
-        Version("v1".into()),
-        size,
+        Pinned::new(size, Version("v1".into())),
         "/vm/disk".into(),
         Some(data),
         Opener::default(),
@@ -362,4 +373,179 @@ async fn holes_read_as_zeros_without_fetching_and_seek_finds_them() {
         "the end of the file is a hole"
     );
     assert_eq!(reader.next_hole(size), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_fetch_fails_its_reads_only_and_leaves_no_flight_behind() {
+    // Slow enough that the second read joins the first one's fetch.
+    let provider = MockProvider::new(Duration::from_millis(200));
+    let path = read_path(provider.clone(), 64 * MIB);
+    let reader = open(&path, 8 * MIB);
+    // Every fetch panics for now, read-ahead ones included.
+    provider.panics.store(u32::MAX, Ordering::SeqCst);
+    // Two readers of the same block share the panicking fetch.
+    let (a, b) = tokio::join!(path.read(&reader, 0, 4096), path.read(&reader, 100, 4096));
+    for result in [a, b] {
+        let err = result.unwrap_err();
+        assert_eq!(err.errno(), libc::EIO, "{err}");
+    }
+    provider.panics.store(0, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Not wedged: the entry is gone, the next read fetches anew and works,
+    // within a bounded time.
+    let again = tokio::time::timeout(Duration::from_secs(5), path.read(&reader, 0, 4096))
+        .await
+        .expect("the read after a panic does not hang")
+        .unwrap();
+    assert_eq!(&again[..], &expected(0, 4096)[..]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(path.inflight.len(), 0, "no in-flight entry left behind");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_provider_that_never_answers_fails_the_read_at_the_timeout() {
+    let provider = MockProvider::new(Duration::from_secs(3600));
+    let path = ReadPath::new(
+        provider.clone(),
+        Throttle::new(None),
+        ReadConfig {
+            block_size: MIB,
+            memory: 64 * MIB,
+            retry: RetryPolicy {
+                timeout: Duration::from_secs(7),
+                ..RetryPolicy::default()
+            },
+            ..ReadConfig::default()
+        },
+    );
+    let reader = open(&path, 8 * MIB);
+    let started = tokio::time::Instant::now();
+    let err = path.read(&reader, 0, 4096).await.unwrap_err();
+    assert_eq!(err.errno(), libc::EIO);
+    assert!(err.to_string().contains("timeout=7s"), "{err}");
+    assert_eq!(started.elapsed(), Duration::from_secs(7));
+}
+
+/// A provider that answers each read with the right bytes or one of the
+/// faults of the world, in an order a property test chooses.
+struct FaultyProvider {
+    /// One answer kind per read, cycled: 0 right, 1 transient, 2 short
+    /// body, 3 long body, 4 changed, 5 slow.
+    script: Vec<u8>,
+    next: AtomicU64,
+}
+
+#[async_trait]
+impl Provider for FaultyProvider {
+    async fn list(&self) -> Result<Inventory, ProviderError> {
+        Ok(Inventory::default())
+    }
+
+    async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError> {
+        Ok(Pinned::new(disk.size, disk.version.clone()))
+    }
+
+    async fn read(
+        &self,
+        _disk: &DiskEntry,
+        _pinned: &Pinned,
+        offset: u64,
+        len: usize,
+    ) -> Result<Bytes, ProviderError> {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        let right = || {
+            (offset..offset + len as u64)
+                .map(byte_at)
+                .collect::<Vec<u8>>()
+        };
+        match self.script[n % self.script.len()] {
+            1 => Err(ProviderError::Unreachable("reset".into())),
+            2 => {
+                let mut body = right();
+                body.truncate(len / 2);
+                Ok(Bytes::from(body))
+            }
+            3 => {
+                let mut body = right();
+                body.extend_from_slice(b"trailing bytes of another range");
+                Ok(Bytes::from(body))
+            }
+            4 => Err(ProviderError::Changed {
+                pinned: "v1".into(),
+            }),
+            5 => {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                Ok(Bytes::from(right()))
+            }
+            _ => Ok(Bytes::from(right())),
+        }
+    }
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// Whatever the provider does, a read returns exactly the bytes at
+        /// its offset, or an error: never other bytes.
+        #[test]
+        fn reads_return_the_providers_bytes_or_an_error(
+            script in prop::collection::vec(0u8..6, 1..12),
+            readers in prop::collection::vec(
+                (any::<bool>(), prop::collection::vec((0u64..6 * MIB, 1u32..300_000), 1..12)),
+                1..4,
+            ),
+        ) {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let size = 6 * MIB + 12_345;
+                let provider = Arc::new(FaultyProvider { script, next: AtomicU64::new(0) });
+                let path = ReadPath::new(
+                    provider,
+                    Throttle::new(None),
+                    ReadConfig {
+                        block_size: 256 << 10,
+                        memory: 8 * MIB,
+                        retry: RetryPolicy {
+                            max_retries: 2,
+                            base_backoff: Duration::from_micros(100),
+                            max_backoff: Duration::from_millis(1),
+                            timeout: Duration::from_secs(5),
+                        },
+                        ..ReadConfig::default()
+                    },
+                );
+                let tasks: Vec<_> = readers
+                    .into_iter()
+                    .map(|(sequential, reads)| {
+                        let path = Arc::clone(&path);
+                        tokio::spawn(async move {
+                            let reader = open(&path, size);
+                            let mut at = 0u64;
+                            for (offset, len) in reads {
+                                // Sequential readers go on from where they were.
+                                let offset = if sequential { at } else { offset };
+                                if let Ok(data) = path.read(&reader, offset, len).await {
+                                    let end = (offset + u64::from(len)).min(size);
+                                    let want = if offset < size { expected(offset, end - offset) } else { Vec::new() };
+                                    assert!(data == want, "other bytes at {offset}+{len}");
+                                }
+                                at = offset + u64::from(len);
+                            }
+                            path.release(&reader);
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.unwrap();
+                }
+            });
+        }
+    }
 }

@@ -469,10 +469,27 @@ pub fn assert_rsync_copies(mount: &Mount, prefix: &str, objects: &[(&str, Vec<u8
         out.path().display()
     ));
     for (key, bytes) in objects {
-        let relative = key.strip_prefix(prefix).unwrap();
-        let copy = std::fs::read(out.path().join(relative)).unwrap();
+        // Each key component as the mount names it (`%` escaped, say).
+        let relative: PathBuf = key
+            .strip_prefix(prefix)
+            .unwrap()
+            .split('/')
+            .map(|part| vmexportfs::fs::names::valid_name(part).into_owned())
+            .collect();
+        let relative = relative.display();
+        let copy = std::fs::read(out.path().join(relative.to_string()))
+            .unwrap_or_else(|err| panic!("{relative} after rsync: {err}"));
         assert!(&copy == bytes, "{relative} differs after rsync");
     }
+}
+
+/// A command that must have succeeded; its stderr says why not.
+pub fn assert_succeeded(output: &std::process::Output) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// A mount that must fail with one line containing `expected`.
@@ -525,7 +542,8 @@ pub fn object_store_listing(extra: &[&str]) -> Vec<String> {
         "./db 0",
         "./db/nested 0",
         "./db/nested/deep 0",
-        "./db/nested/deep/a+b%20c#?&=.raw 3145728",
+        // `%` is escaped too, so the mapping is one-to-one.
+        "./db/nested/deep/a+b%2520c#?&=.raw 3145728",
         "./empty.raw 0",
         "./folder-marker 0",
         "./web-01 0",
