@@ -462,6 +462,9 @@ fn the_control_socket_refuses_other_users() {
         .log_text()
         .contains("refused a connection from uid 65534"));
 
+    // Later mounts insist on a private socket directory: put it back.
+    std::fs::set_permissions(socket_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+
     // Gone with the mount.
     mount.unmount();
     assert!(!socket.exists(), "{socket:?} left behind");
@@ -470,7 +473,7 @@ fn the_control_socket_refuses_other_users() {
 #[test]
 fn a_control_path_of_ones_own_and_sighup_rereads_the_config_file() {
     let src = disks(&["disk.raw"], 200 * MIB);
-    let work = tempfile::tempdir().unwrap();
+    let work = private_tempdir();
     let config = work.path().join("vmexportfs.conf");
     std::fs::write(&config, "# export window\nrate = 10M\nfile_rate = 40M\n").unwrap();
     let socket = work.path().join("ctl.sock");
@@ -519,4 +522,254 @@ fn a_control_path_of_ones_own_and_sighup_rereads_the_config_file() {
     assert!(mount.log_text().contains("keeping the settings in force"));
     mount.unmount();
     assert!(!socket.exists());
+}
+
+/// A directory under /tmp fit for `control=`: the mount insists on 0700.
+fn private_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    dir
+}
+
+/// One connection to a control socket, a line at a time.
+struct Raw {
+    stream: std::os::unix::net::UnixStream,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl Raw {
+    fn connect(socket: &Path) -> Raw {
+        let stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        Raw { stream, reader }
+    }
+
+    /// Sends `line` (and a newline); the answer, or `None` if the mount
+    /// closed the connection.
+    fn ask(&mut self, line: &[u8]) -> Option<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        // A write may fail once the mount has closed: the answer tells.
+        let _ = self.stream.write_all(line);
+        let _ = self.stream.write_all(b"\n");
+        let mut answer = String::new();
+        match self.reader.read_line(&mut answer) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => {
+                Some(serde_json::from_str(&answer).unwrap_or_else(|err| panic!("{err}: {answer}")))
+            }
+        }
+    }
+}
+
+fn first_file(mount: &Mount) -> std::path::PathBuf {
+    let listing = sh(&format!(
+        "cd '{}' && find . -type f | sort",
+        mount.path.display()
+    ));
+    let first = listing.lines().next().expect("demo:// has files");
+    mount.file(first.trim_start_matches("./"))
+}
+
+fn read_some(file: &Path) -> usize {
+    use std::io::Read;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut f = std::fs::File::open(file).unwrap();
+    f.read(&mut buf).unwrap()
+}
+
+#[test]
+fn hostile_control_requests_get_an_error_and_change_nothing() {
+    let work = private_tempdir();
+    let config = work.path().join("vmexportfs.conf");
+    std::fs::write(&config, "rate = 10M\nburst = 1M\n").unwrap();
+    let socket = work.path().join("ctl.sock");
+    let mount = Mount::new(
+        "demo://",
+        &format!("config={},control={}", config.display(), socket.display()),
+    );
+    let in_force = || {
+        let status = status_json(&mount);
+        (status["limit"].clone(), status["limit_origin"].clone())
+    };
+    let before = in_force();
+    assert_eq!(before.0["rate"], 10 << 20, "{before:?}");
+    assert_eq!(before.0["burst"], 1 << 20, "{before:?}");
+
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let hostile: Vec<(Vec<u8>, &str)> = vec![
+        // The one that wedged the daemon.
+        (
+            br#"{"request":"set_rate","limit":{"rate":0,"burst":0}}"#.to_vec(),
+            "rate 0 B/s",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":0}}"#.to_vec(),
+            "rate 0 B/s",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":1048576,"burst":0}}"#.to_vec(),
+            "below the minimum 4096",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":1048576,"burst":4095}}"#.to_vec(),
+            "burst 4095 B",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":-1048576}}"#.to_vec(),
+            "negative",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":1048576,"burst":-1}}"#.to_vec(),
+            "negative",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":1048576.5}}"#.to_vec(),
+            "not a whole number",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":1e400}}"#.to_vec(),
+            "not a json request",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":18446744073709551615}}"#.to_vec(),
+            "above the maximum",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":99999999999999999999999}}"#.to_vec(),
+            "not a whole number",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":1048576,"burst":18446744073709551615}}"#
+                .to_vec(),
+            "above the maximum",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":"10M"}}"#.to_vec(),
+            "whole number",
+        ),
+        (
+            br#"{"request":"set_rate","limit":{"rate":1048576,"brust":65536}}"#.to_vec(),
+            "unknown field \"brust\"",
+        ),
+        (
+            br#"{"request":"set_rate","limit":"off"}"#.to_vec(),
+            "must be an object",
+        ),
+        (br#"{"request":"set_rate"}"#.to_vec(), "missing \"limit\""),
+        (
+            br#"{"request":"shutdown"}"#.to_vec(),
+            "unknown request \"shutdown\"",
+        ),
+        (br#"{"request":["status"]}"#.to_vec(), "must be a string"),
+        (br#"{"limit":null}"#.to_vec(), "missing \"request\""),
+        (b"[1,2,3]".to_vec(), "not an array"),
+        (b"not json at all".to_vec(), "not a json request"),
+        (b"".to_vec(), "not a json request"),
+        (b"{\"request\":\"status\"\0}".to_vec(), "not a json request"),
+        (b"\xff\xfe{\"request\":\"status\"}".to_vec(), "not utf-8"),
+        (deep.into_bytes(), "not a json request"),
+    ];
+    assert!(hostile.len() >= 15);
+    let mut conn = Raw::connect(&socket);
+    for (line, expected) in &hostile {
+        let shown = String::from_utf8_lossy(&line[..line.len().min(80)]).into_owned();
+        let answer = conn
+            .ask(line)
+            .unwrap_or_else(|| panic!("{shown}: connection closed"));
+        assert_eq!(answer["answer"], "error", "{shown}: {answer}");
+        let message = answer["message"].as_str().unwrap().to_lowercase();
+        assert!(
+            message.contains(&expected.to_lowercase()),
+            "{shown}: {message}"
+        );
+        // Nothing changed, and the same connection still serves.
+        let status = conn.ask(br#"{"request":"status"}"#).expect("still served");
+        assert_eq!(status["answer"], "status", "after {shown}: {status}");
+        assert_eq!(status["limit"], before.0, "after {shown}");
+    }
+
+    // A line longer than 64 KiB: an error, then the connection closes.
+    let huge = vec![b'x'; 200 << 10];
+    let answer = conn.ask(&huge).expect("an answer before closing");
+    assert!(
+        answer["message"].as_str().unwrap().contains("longer than"),
+        "{answer}"
+    );
+    assert!(conn.ask(br#"{"request":"status"}"#).is_none(), "closed");
+
+    // The command line refuses the same limits with one line each.
+    let mp = mount.path.to_str().unwrap();
+    for (bad, expected) in [("10M:0", "below the minimum"), ("2T", "above the maximum")] {
+        let output = vmx(&["rate", mp, bad]);
+        assert!(!output.status.success(), "{bad}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{bad}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{bad}: {stderr}");
+    }
+
+    // SIGHUP with a limit out of range keeps what is in force.
+    std::fs::write(&config, "rate = 2T\n").unwrap();
+    // SAFETY: a signal to the mount process this test started.
+    unsafe {
+        libc::kill(mount.pid as i32, libc::SIGHUP);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        mount.log_text().contains("above the maximum"),
+        "{}",
+        mount.log_text()
+    );
+    assert_eq!(in_force(), before);
+
+    // The daemon is well: a valid request works, reads work, and the
+    // limit it set is the one in force.
+    let mut conn = Raw::connect(&socket);
+    let answer = conn
+        .ask(br#"{"request":"set_rate","limit":{"rate":20971520,"burst":4096}}"#)
+        .unwrap();
+    assert_eq!(answer["answer"], "rate", "{answer}");
+    assert_eq!(answer["limit"]["burst"], 4096, "{answer}");
+    assert_eq!(status_json(&mount)["limit"]["rate"], 20 << 20);
+    assert!(read_some(&first_file(&mount)) > 0);
+    let log = mount.log_text();
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
+fn a_control_directory_that_is_not_ones_own_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    // A symlink to a private directory: someone else could repoint it.
+    let private = work.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let link = work.path().join("link");
+    std::os::unix::fs::symlink(&private, &link).unwrap();
+    assert_mount_fails(
+        "demo://",
+        &format!("control={}/ctl.sock", link.display()),
+        &[],
+        "is a symlink",
+    );
+    // A group-writable one.
+    let shared = work.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o770)).unwrap();
+    assert_mount_fails(
+        "demo://",
+        &format!("control={}/ctl.sock", shared.display()),
+        &[],
+        "must be 0700",
+    );
+    // Missing: made 0700, and the mount serves.
+    let fresh = work.path().join("fresh");
+    let socket = fresh.join("ctl.sock");
+    let mount = Mount::new("demo://", &format!("control={},rate=10M", socket.display()));
+    let meta = std::fs::symlink_metadata(&fresh).unwrap();
+    assert!(meta.is_dir());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    assert!(vmx_ok(&["rate", socket.to_str().unwrap()]).contains("10485760"));
+    mount.unmount();
 }

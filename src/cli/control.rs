@@ -34,15 +34,16 @@ pub fn parse_limit(text: &str) -> anyhow::Result<Option<Limit>> {
     if rate == 0 {
         return Ok(None);
     }
-    Ok(Some(match burst {
+    let limit = match burst {
         None | Some("auto") => Limit::auto(rate),
         Some(burst) => Limit {
             rate,
-            burst: parse_size(burst)
-                .map_err(|err| anyhow!("burst: {err}"))?
-                .max(1),
+            burst: parse_size(burst).map_err(|err| anyhow!("burst: {err}"))?,
         },
-    }))
+    };
+    // The mount checks it again; refusing here says so before connecting.
+    limit.check()?;
+    Ok(Some(limit))
 }
 
 async fn status_of(client: &mut Client) -> anyhow::Result<Status> {
@@ -209,5 +210,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("burst"));
+        for (bad, expected) in [
+            ("20M:0", "burst 0 B is below the minimum 4096 B"),
+            ("20M:4095", "burst 4095 B is below"),
+            ("2T", "above the maximum"),
+            ("20M:2T", "burst 2199023255552 B is above"),
+        ] {
+            let err = parse_limit(bad).unwrap_err().to_string();
+            assert!(err.contains(expected), "{bad}: {err}");
+        }
+        assert_eq!(
+            parse_limit("1T:4K").unwrap(),
+            Some(Limit {
+                rate: 1 << 40,
+                burst: 4096
+            })
+        );
     }
 }

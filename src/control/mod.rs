@@ -24,7 +24,7 @@ use crate::fs::FsCore;
 use crate::options::MountOptions;
 use crate::throttle::fleet::Fleet;
 use crate::throttle::schedule::{local_now, until_local};
-use crate::throttle::{Limit, Throttle};
+use crate::throttle::{Limit, LimitError, Throttle};
 use status::{FileStatus, RateWindow, ScheduleStatus, Status, Totals};
 
 /// How far back the MB/s figures look.
@@ -74,6 +74,10 @@ impl Controller {
         options: MountOptions,
         option_groups: Vec<String>,
     ) -> Arc<Self> {
+        if let Err(err) = check_options(&options) {
+            // The throttle clamps what it cannot enforce; say so.
+            tracing::warn!("{err}; the limit is clamped to the range the throttle enforces");
+        }
         let throttle = Arc::clone(core.read_path().throttle());
         let controller = Arc::new(Controller {
             source,
@@ -187,8 +191,12 @@ impl Controller {
         next.clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 
-    /// `vmexportfs rate`: a new mount limit now (`None`: unlimited).
-    pub fn set_rate(&self, limit: Option<Limit>) -> (Option<Limit>, String) {
+    /// `vmexportfs rate`: a new mount limit now (`None`: unlimited). A
+    /// limit the throttle cannot enforce is refused and changes nothing.
+    pub fn set_rate(&self, limit: Option<Limit>) -> Result<(Option<Limit>, String), LimitError> {
+        if let Some(limit) = &limit {
+            limit.check()?;
+        }
         let now = local_now();
         {
             let mut settings = self.settings();
@@ -206,7 +214,7 @@ impl Controller {
         );
         self.apply();
         let settings = self.settings();
-        (settings.applied, settings.origin.clone())
+        Ok((settings.applied, settings.origin.clone()))
     }
 
     /// SIGHUP: reads the config file again and applies what can change
@@ -223,6 +231,13 @@ impl Controller {
                 return;
             }
         };
+        if let Err(err) = check_options(&fresh) {
+            tracing::error!(
+                "SIGHUP: {}: {err}; keeping the settings in force",
+                path.display()
+            );
+            return;
+        }
         {
             let mut settings = self.settings();
             let mut merged = settings.options.clone();
@@ -393,6 +408,38 @@ impl Controller {
             files,
         }
     }
+}
+
+/// Checks every limit the options would put in force (`rate=` with
+/// `burst=`, each timetable entry, `file_rate=`, the fleet rates), naming
+/// the first one the throttle could not enforce. Run where options come
+/// in: at mount and on SIGHUP.
+pub fn check_options(options: &MountOptions) -> Result<(), String> {
+    if let Some(rate) = options.rate {
+        options
+            .limit_for(rate)
+            .check()
+            .map_err(|err| format!("rate=/burst=: {err}"))?;
+    }
+    if let Some(schedule) = &options.schedule {
+        for entry in schedule.entries() {
+            if let Some(rate) = entry.limit {
+                options
+                    .limit_for(rate)
+                    .check()
+                    .map_err(|err| format!("schedule entry '{}': {err}", entry.describe()))?;
+            }
+        }
+    }
+    if let Some(rate) = options.file_rate {
+        Limit::auto(rate)
+            .check()
+            .map_err(|err| format!("file_rate=: {err}"))?;
+    }
+    if let Some(fleet) = &options.fleet {
+        fleet.check()?;
+    }
+    Ok(())
 }
 
 /// `52428800 B/s (50.0 MiB/s), burst 5242880 B` or `unlimited`.

@@ -30,7 +30,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use super::Throttle;
+use super::{Limit, Throttle, MAX_RATE};
 
 /// Books a lease (or, with a lease of 0, only says the mount is alive).
 /// KEYS: the TAT, the peer set. ARGV: rate (bytes/s), lease (bytes), this
@@ -85,6 +85,24 @@ impl FleetConfig {
     pub fn lease(&self) -> u64 {
         (self.rate / 10).clamp(64 << 10, 16 << 20)
     }
+
+    /// Whether the rates can be enforced: each from 1 B/s to
+    /// [`super::MAX_RATE`], the same range as a mount limit.
+    pub fn check(&self) -> Result<(), String> {
+        let named = [
+            ("fleet_rate", Some(self.rate)),
+            ("fleet_fallback", self.fallback),
+        ];
+        for (name, rate) in named {
+            if let Some(rate) = rate {
+                let burst = crate::options::MIN_BURST;
+                Limit { rate, burst }
+                    .check()
+                    .map_err(|err| format!("{name}: {err}"))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +111,8 @@ pub enum FleetError {
     Unreachable { url: String, reason: String },
     #[error("fleet={url}: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("{0}")]
+    BadRate(String),
 }
 
 /// What status shows of the fleet.
@@ -143,6 +163,7 @@ impl Fleet {
         config: FleetConfig,
         throttle: &Arc<Throttle>,
     ) -> Result<Arc<Fleet>, FleetError> {
+        config.check().map_err(FleetError::BadRate)?;
         let client = open_client(&config.url)?;
         let member = format!(
             "{}/{}/{}",
@@ -200,14 +221,16 @@ impl Fleet {
             .clone()
     }
 
-    /// New rate or fallback (SIGHUP); the URL and key stay.
+    /// New rate or fallback (SIGHUP); the URL and key stay. Callers check
+    /// them first ([`FleetConfig::check`]); out of range they are clamped,
+    /// so that no value can stall or break the lease arithmetic.
     pub fn set_rates(&self, rate: u64, fallback: Option<u64>) {
         let mut config = self
             .config
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        config.rate = rate;
-        config.fallback = fallback;
+        config.rate = rate.clamp(1, MAX_RATE);
+        config.fallback = fallback.map(|rate| rate.clamp(1, MAX_RATE));
     }
 
     /// The local rate while Redis is unreachable.
@@ -397,11 +420,14 @@ impl FleetTask {
     /// In fallback, leases come from the local clock at the fallback rate:
     /// one lease per lease-length of time, never ahead of it.
     async fn credit_locally(&self, throttle: &Throttle, next: &mut Instant) {
-        let rate = self.fleet.fallback_rate();
+        let rate = self.fleet.fallback_rate().max(1);
         let lease = self.fleet.config().lease();
         *next = (*next).max(Instant::now());
         tokio::time::sleep_until(*next).await;
-        *next += Duration::from_secs_f64(lease as f64 / rate as f64);
+        // At least 64 KiB / 1 TiB/s and at most 16 MiB / 1 B/s: finite.
+        let step = Duration::try_from_secs_f64(lease as f64 / rate as f64)
+            .unwrap_or(Duration::from_secs(86_400));
+        *next += step;
         throttle.credit_fleet(lease);
     }
 }

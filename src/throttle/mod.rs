@@ -52,6 +52,12 @@ pub const MIN_AUTO_BURST: u64 = 64 << 10;
 const TAG_SCALE: u64 = 64;
 /// Weights run from 1 to this.
 pub const MAX_WEIGHT: u32 = 1000;
+/// The highest rate a limit may name, 1 TiB/s: above any link, so a
+/// larger number is a mistake (or meant `off`), and far below where the
+/// bucket's floating-point arithmetic loses bytes.
+pub const MAX_RATE: u64 = 1 << 40;
+/// The deepest bucket a limit may name, 1 TiB.
+pub const MAX_BURST: u64 = 1 << 40;
 
 /// A rate in bytes per second and the depth of its bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,6 +74,50 @@ impl Limit {
             burst: (rate / 10).max(MIN_AUTO_BURST),
         }
     }
+
+    /// Whether the throttle can enforce this limit as it is: a rate from
+    /// 1 B/s to [`MAX_RATE`], a depth from [`crate::options::MIN_BURST`] to
+    /// [`MAX_BURST`]. Every limit from outside is checked with this where
+    /// it comes in, so that a bad one is refused and changes nothing.
+    pub fn check(&self) -> Result<(), LimitError> {
+        let min_burst = crate::options::MIN_BURST;
+        if self.rate == 0 {
+            return Err(LimitError::ZeroRate);
+        }
+        if self.rate > MAX_RATE {
+            return Err(LimitError::RateTooHigh(self.rate));
+        }
+        if self.burst < min_burst {
+            return Err(LimitError::BurstTooSmall(self.burst));
+        }
+        if self.burst > MAX_BURST {
+            return Err(LimitError::BurstTooLarge(self.burst));
+        }
+        Ok(())
+    }
+
+    /// The nearest limit that passes [`Limit::check`]: the throttle's own
+    /// guard, so that no value can make its arithmetic divide by zero,
+    /// overflow or spin on empty pieces.
+    pub fn clamped(self) -> Limit {
+        Limit {
+            rate: self.rate.clamp(1, MAX_RATE),
+            burst: self.burst.clamp(crate::options::MIN_BURST, MAX_BURST),
+        }
+    }
+}
+
+/// Why a limit was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("rate 0 B/s would stop every read: give a rate above 0, or off (null) for no limit")]
+    ZeroRate,
+    #[error("rate {0} B/s is above the maximum {max} B/s (1 TiB/s); use off (null) for no limit", max = MAX_RATE)]
+    RateTooHigh(u64),
+    #[error("burst {0} B is below the minimum {min} B (4 KiB)", min = crate::options::MIN_BURST)]
+    BurstTooSmall(u64),
+    #[error("burst {0} B is above the maximum {max} B (1 TiB)", max = MAX_BURST)]
+    BurstTooLarge(u64),
 }
 
 /// One reader's place in the throttle: its weight, its fair-queue tag and
@@ -118,6 +168,7 @@ const CELL: u64 = 1024;
 
 impl FileCap {
     fn new(limit: Limit, generation: u64) -> Self {
+        let limit = limit.clamped();
         let burst_cells = (limit.burst / CELL).clamp(1, u64::from(u32::MAX)) as u32;
         let period_nanos = ((CELL as u128 * 1_000_000_000) / limit.rate.max(1) as u128).max(1);
         let period = Duration::from_nanos(period_nanos.min(u64::MAX as u128) as u64);
@@ -143,10 +194,9 @@ impl FileCap {
         while cells > 0 {
             let now = cells.min(u64::from(self.burst_cells));
             if let Some(n) = NonZeroU32::new(now as u32) {
-                self.limiter
-                    .until_n_ready(n)
-                    .await
-                    .expect("a piece never exceeds the burst");
+                // `now` is at most the burst, so this cannot fail; if it
+                // ever did, the cells would go uncharged rather than panic.
+                let _ = self.limiter.until_n_ready(n).await;
             }
             cells -= now;
         }
@@ -203,8 +253,12 @@ impl State {
         if let Some(limit) = self.limit {
             let need = bytes.min(limit.burst) as f64;
             if self.level < need {
-                let secs = (need - self.level) / limit.rate as f64;
-                return Some(Blocked::Until(now + Duration::from_secs_f64(secs)));
+                // The limit is clamped (rate ≥ 1), so `secs` is finite and
+                // positive; a far-off instant still must not panic.
+                let secs = (need - self.level) / limit.rate.max(1) as f64;
+                let wait = Duration::try_from_secs_f64(secs).unwrap_or(FAR_FUTURE);
+                let at = now.checked_add(wait).unwrap_or(now + FAR_FUTURE);
+                return Some(Blocked::Until(at));
             }
         }
         if let Some(fleet) = &self.fleet {
@@ -236,6 +290,10 @@ enum Blocked {
     Until(Instant),
     Fleet,
 }
+
+/// A wait too long to compute is a wait this long: a day, so the pacer
+/// still wakes up now and then (a limit change wakes it at once anyway).
+const FAR_FUTURE: Duration = Duration::from_secs(86_400);
 
 struct Inner {
     state: Mutex<State>,
@@ -321,7 +379,9 @@ pub struct Throttle {
 
 impl Throttle {
     /// A throttle with `limit` in force (`None`: unlimited, until changed).
+    /// A limit out of range is clamped into it ([`Limit::clamped`]).
     pub fn new(limit: Option<Limit>) -> Arc<Self> {
+        let limit = limit.map(Limit::clamped);
         let inner = Arc::new(Inner {
             state: Mutex::new(State {
                 limit,
@@ -363,8 +423,11 @@ impl Throttle {
 
     /// Changes the mount limit now, for charges already waiting too. Tokens
     /// in the bucket are kept up to the new depth; from unlimited, the
-    /// bucket starts empty, so a limit never starts with a burst.
+    /// bucket starts empty, so a limit never starts with a burst. A limit
+    /// out of range is clamped into it: callers check limits from outside
+    /// first ([`Limit::check`]), this is the guard behind them.
     pub fn set_limit(&self, limit: Option<Limit>) {
+        let limit = limit.map(Limit::clamped);
         let mut state = self.inner.lock();
         state.refill(Instant::now());
         match (state.limit, limit) {
@@ -386,8 +449,9 @@ impl Throttle {
     }
 
     /// Caps every open file at `limit` (`None`: no cap), from each file's
-    /// next charge on.
+    /// next charge on. A limit out of range is clamped into it.
     pub fn set_file_limit(&self, limit: Option<Limit>) {
+        let limit = limit.map(Limit::clamped);
         let mut cap = self
             .inner
             .file_cap

@@ -510,9 +510,14 @@ fn parse_rate(token: &str) -> Result<Option<u64>, String> {
         return Ok(None);
     }
     // As with rate=, zero (0, 0M) means no limit rather than a stalled mount.
-    parse_size(token)
-        .map(|bytes| Some(bytes).filter(|&bytes| bytes > 0))
-        .map_err(|err| format!("bad rate: {err}"))
+    let bytes = parse_size(token).map_err(|err| format!("bad rate: {err}"))?;
+    if bytes > super::MAX_RATE {
+        // Refused here, where the column is known, not clamped at the switch.
+        return Err(format!(
+            "bad rate: '{token}' is above the maximum 1T (1 TiB/s); write off for no limit"
+        ));
+    }
+    Ok(Some(bytes).filter(|&bytes| bytes > 0))
 }
 
 /// `HH:MM`, with `:SS` only when there are seconds.
@@ -861,6 +866,9 @@ mod tests {
             "write Mbit for bits or MB for bytes",
         );
         refused("09:00 99999999999T", 7, 1, "'99999999999T' is too large");
+        refused("Mon 09:00 2T", 11, 1, "'2T' is above the maximum 1T");
+        // The maximum itself is a rate.
+        assert_eq!(parse("00:00 1T").entries()[0].limit, Some(1 << 40));
     }
 
     #[test]

@@ -238,3 +238,197 @@ async fn the_lower_of_the_local_and_fleet_limits_wins() {
         0.10,
     );
 }
+
+// Limits from outside: checked where they come in, clamped in here, so no
+// value can panic the arithmetic or spin the pacer.
+
+#[test]
+fn limits_are_checked_by_name() {
+    let check = |rate, burst| Limit { rate, burst }.check();
+    assert_eq!(check(0, 0), Err(LimitError::ZeroRate));
+    assert_eq!(check(1 << 20, 0), Err(LimitError::BurstTooSmall(0)));
+    assert_eq!(check(1 << 20, 4095), Err(LimitError::BurstTooSmall(4095)));
+    assert_eq!(
+        check(MAX_RATE + 1, 4096),
+        Err(LimitError::RateTooHigh(MAX_RATE + 1))
+    );
+    assert_eq!(
+        check(1, MAX_BURST + 1),
+        Err(LimitError::BurstTooLarge(MAX_BURST + 1))
+    );
+    assert_eq!(check(1, 4096), Ok(()));
+    assert_eq!(check(MAX_RATE, MAX_BURST), Ok(()));
+    let message = LimitError::BurstTooSmall(0).to_string();
+    assert!(
+        message.contains("burst 0 B is below the minimum 4096 B"),
+        "{message}"
+    );
+    assert_eq!(
+        Limit { rate: 0, burst: 0 }.clamped(),
+        Limit {
+            rate: 1,
+            burst: 4096
+        }
+    );
+    assert_eq!(
+        Limit {
+            rate: u64::MAX,
+            burst: u64::MAX
+        }
+        .clamped(),
+        Limit {
+            rate: MAX_RATE,
+            burst: MAX_BURST
+        }
+    );
+}
+
+// Paused clock: tokio's time jumps to the pacer's next deadline, so the
+// timing is the bucket's arithmetic, not the machine's load.
+#[tokio::test(start_paused = true)]
+async fn the_request_that_wedged_the_daemon_is_clamped_and_bytes_flow() {
+    // rate 0, burst 0: once a divide by zero in the pacer, and 1-byte
+    // pieces that a bucket of depth 0 could never pay for.
+    let throttle = Throttle::new(limit(8 << 20, 64 << 10));
+    let flow = Flow::default();
+    throttle.set_limit(limit(0, 0));
+    assert_eq!(throttle.limit(), limit(1, 4096));
+    // At 1 B/s a charge waits (and is cancelled): it must not panic.
+    let waited =
+        tokio::time::timeout(Duration::from_millis(50), throttle.acquire(&flow, 1 << 20)).await;
+    assert!(waited.is_err(), "1 MiB passed at 1 B/s");
+    // The pacer is alive: a usable limit serves at its rate.
+    throttle.set_limit(limit(32 << 20, 64 << 10));
+    let started = tokio::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(2), throttle.acquire(&flow, 4 << 20))
+        .await
+        .expect("bytes flow again");
+    // 4 MiB at 32 MiB/s from an empty bucket (timer ticks are 1 ms).
+    assert_near("seconds", started.elapsed().as_secs_f64(), 0.125, 0.05);
+}
+
+#[tokio::test(start_paused = true)]
+async fn huge_limits_do_not_overflow_and_unlimited_frees_every_waiter() {
+    let throttle = Throttle::new(limit(u64::MAX, u64::MAX));
+    assert_eq!(throttle.limit(), limit(MAX_RATE, MAX_BURST));
+    let flow = Arc::new(Flow::default());
+    tokio::time::timeout(Duration::from_secs(1), throttle.acquire(&flow, 64 << 20))
+        .await
+        .expect("a 1 TiB bucket pays at once");
+    // The slowest limit there is (the bucket keeps 4 KiB of its tokens),
+    // with a waiter behind it...
+    throttle.set_limit(limit(1, 0));
+    let waiter = {
+        let (throttle, flow) = (Arc::clone(&throttle), Arc::clone(&flow));
+        tokio::spawn(async move { throttle.acquire(&flow, 1 << 20).await })
+    };
+    // An hour of (paused) time: 3600 bytes' worth.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert!(!waiter.is_finished(), "1 MiB passed at 1 B/s");
+    // ...is freed at once by `rate off`.
+    throttle.set_limit(None);
+    tokio::time::timeout(Duration::from_secs(1), waiter)
+        .await
+        .expect("freed by rate off")
+        .expect("no panic");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_caps_out_of_range_are_clamped() {
+    let throttle = Throttle::new(None);
+    let flow = Flow::default();
+    throttle.set_file_limit(Some(Limit { rate: 0, burst: 0 }));
+    assert_eq!(throttle.file_limit(), limit(1, 4096));
+    // The clamped depth, 4 KiB, is there at once; more waits at 1 B/s.
+    tokio::time::timeout(Duration::from_millis(500), throttle.acquire(&flow, 4096))
+        .await
+        .expect("the first 4 KiB");
+    let more = tokio::time::timeout(Duration::from_millis(50), throttle.acquire(&flow, 4096)).await;
+    assert!(more.is_err());
+    throttle.set_file_limit(Some(Limit {
+        rate: u64::MAX,
+        burst: u64::MAX,
+    }));
+    tokio::time::timeout(Duration::from_secs(1), throttle.acquire(&flow, 64 << 20))
+        .await
+        .expect("a 1 TiB/s cap");
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Edge values and then anything.
+    fn value() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            Just(1),
+            Just(4095),
+            Just(4096),
+            Just(MAX_RATE),
+            Just(MAX_RATE + 1),
+            Just(u64::MAX),
+            0..(1u64 << 24),
+            any::<u64>(),
+        ]
+    }
+
+    fn any_limit() -> impl Strategy<Value = Limit> {
+        (value(), value()).prop_map(|(rate, burst)| Limit { rate, burst })
+    }
+
+    fn charge() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            Just(0u64),
+            Just(1),
+            Just(4096),
+            Just(1 << 20),
+            0..(64u64 << 20)
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn no_limit_value_panics_or_stops_the_throttle(
+            first in any_limit(),
+            second in any_limit(),
+            cap in proptest::option::of(any_limit()),
+            bytes in charge(),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let throttle = Throttle::new(Some(first));
+                let flow = Flow::default();
+                let short = Duration::from_millis(5);
+                // Whatever the limit, a charge passes or waits; a panic
+                // here fails the case.
+                let _ = tokio::time::timeout(short, throttle.acquire(&flow, bytes)).await;
+                throttle.set_limit(Some(second));
+                throttle.set_file_limit(cap);
+                let _ = tokio::time::timeout(short, throttle.acquire(&flow, bytes)).await;
+                let in_force = throttle.limit().unwrap();
+                prop_assert!(in_force.check().is_ok(), "{:?} in force", in_force);
+                if second.check().is_ok() {
+                    // A valid limit is put in force as it is.
+                    prop_assert_eq!(in_force, second);
+                }
+                // A valid limit lets bytes through at its rate: 4 MiB at
+                // 256 MiB/s needs the pacer, so it is still alive.
+                throttle.set_file_limit(None);
+                throttle.set_limit(Some(Limit { rate: 256 << 20, burst: 64 << 10 }));
+                let passed = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    throttle.acquire(&flow, 4 << 20),
+                )
+                .await;
+                prop_assert!(passed.is_ok(), "4 MiB did not pass after {:?}, {:?}", first, second);
+                Ok(())
+            })?;
+        }
+    }
+}
