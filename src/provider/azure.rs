@@ -18,7 +18,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
 use azure_core::error::ErrorKind;
-use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport, Url};
+use azure_core::http::{ClientOptions, RetryOptions, Transport, Url};
 use azure_storage_blob::models::{
     BlobClientDownloadOptions, BlobClientGetPropertiesResultHeaders,
     BlobContainerClientListBlobsOptions, BlobType, HttpRange, PageBlobClientListPageRangesOptions,
@@ -27,9 +27,10 @@ use azure_storage_blob::{BlobClient, BlobContainerClient, BlobContainerClientOpt
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
+use super::http_range::{Answer, Expected};
 use super::KeyPlace;
 use super::{http::build_client, normalize_prefix, place_key, read_secret_file, redact_queries};
-use super::{DiskEntry, Inventory, Provider, ProviderError, Version};
+use super::{DiskEntry, Inventory, Pinned, Provider, ProviderError, Version};
 use crate::options::MountOptions;
 
 const PAGE_PREFIX: &str = "page:";
@@ -204,14 +205,9 @@ impl AzureProvider {
         let client_options = BlobContainerClientOptions {
             client_options: ClientOptions {
                 transport: Some(Transport::new(Arc::new(build_client(options)?))),
-                // One quick retry for the SDK; the read path retries reads
-                // with its own backoff on top.
-                retry: RetryOptions::exponential(ExponentialRetryOptions {
-                    initial_delay: azure_core::time::Duration::milliseconds(200),
-                    max_retries: 1,
-                    max_total_elapsed: azure_core::time::Duration::seconds(30),
-                    max_delay: azure_core::time::Duration::seconds(2),
-                }),
+                // One attempt per call: the read path's retries, within
+                // timeout=, are the only ones.
+                retry: RetryOptions::none(),
                 ..Default::default()
             },
             ..Default::default()
@@ -553,21 +549,20 @@ impl Provider for AzureProvider {
         Ok(inventory)
     }
 
-    async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
+    async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError> {
         let (size, version, _) = self.properties(&disk.locator).await?;
-        Ok((size, version))
+        Ok(Pinned::new(size, version))
     }
 
     async fn data_ranges(
         &self,
         disk: &DiskEntry,
-        version: &Version,
-        size: u64,
+        pinned: &Pinned,
     ) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
-        if !version.0.starts_with(PAGE_PREFIX) {
+        if !pinned.version.0.starts_with(PAGE_PREFIX) {
             return Ok(None);
         }
-        self.page_ranges(&disk.locator, size, version)
+        self.page_ranges(&disk.locator, pinned.size, &pinned.version)
             .await
             .map(Some)
     }
@@ -575,10 +570,11 @@ impl Provider for AzureProvider {
     async fn read(
         &self,
         disk: &DiskEntry,
-        version: &Version,
+        pinned: &Pinned,
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ProviderError> {
+        let version = &pinned.version;
         let Some(partition) = NonZero::new(len) else {
             return Ok(Bytes::new());
         };
@@ -588,8 +584,19 @@ impl Provider for AzureProvider {
             disk.locator,
             offset + len as u64 - 1
         );
+        let expected = Expected {
+            what: &what,
+            offset,
+            len,
+            size: Some(pinned.size),
+            etag: etag_of(version),
+            modified: None,
+            pinned: version,
+        };
         // One GET per fetch: the SDK's managed download would otherwise
-        // split it into parallel 4 MiB parts.
+        // split it into parallel 4 MiB parts. With one partition of the
+        // range's length it sends one ranged GET and hands its body over as
+        // a stream, unread, with the answer's headers.
         let options = BlobClientDownloadOptions {
             range: Some(HttpRange::new(offset, len as u64)),
             if_match: etag_of(version).map(Into::into),
@@ -597,19 +604,29 @@ impl Provider for AzureProvider {
             parallel: NonZero::new(1),
             ..Default::default()
         };
-        let mut buffer = vec![0u8; len];
         let result = self
             .blob(&disk.locator)
-            .download_into(&mut buffer, Some(options))
+            .download(Some(options))
             .await
             .map_err(|err| self.error(&what, err, Some(version)))?;
-        if result.len != len {
-            return Err(ProviderError::Unreachable(format!(
-                "{what}: got {} of {len} bytes",
-                result.len
-            )));
+        // The status is hidden (the SDK takes 200 and 206 alike): a
+        // Content-Range stands for 206, none for 200. A Content-Range
+        // shorter than asked would make the SDK fetch the rest itself
+        // before this check sees it; it is refused all the same.
+        let header = |name: &'static str| result.headers.get_optional_str(&name.into());
+        expected.check(&Answer {
+            status: None,
+            content_range: header("content-range"),
+            content_length: header("content-length").and_then(|v| v.trim().parse().ok()),
+            etag: header("etag"),
+            last_modified: None,
+        })?;
+        let mut stream = result.body;
+        let mut body = expected.body();
+        while let Some(chunk) = stream.next().await {
+            body.push(chunk.map_err(|err| self.error(&what, err, Some(version)))?)?;
         }
-        Ok(Bytes::from(buffer))
+        body.finish()
     }
 }
 

@@ -12,7 +12,7 @@
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use google_cloud_auth::credentials::{self, CacheableResource, Credentials};
 use google_cloud_gax::retry_policy::{Aip194Strict, RetryPolicyExt};
 use google_cloud_storage::client::Storage;
@@ -21,17 +21,18 @@ use google_cloud_storage::read_resume_policy::{ReadResumePolicyExt, Recommended}
 use serde::Deserialize;
 
 use super::http::build_client;
+use super::http_range::Expected;
 use super::{
     bucket_and_prefix, causes, is_transient_status, place_key, DiskEntry, Inventory, KeyPlace,
-    Provider, ProviderError, Version,
+    Pinned, Provider, ProviderError, Version,
 };
 use crate::options::MountOptions;
 
 const GENERATION_PREFIX: &str = "gen:";
 const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
-/// The crate's own retries stay short (its default retries transport
-/// errors for 5 minutes): the read path retries on top with its backoff.
-const SDK_ATTEMPTS: u32 = 2;
+/// One attempt per call (the crate's default retries transport errors for
+/// 5 minutes): the read path's retries, within `timeout=`, are the only ones.
+const SDK_ATTEMPTS: u32 = 1;
 
 pub struct GcsProvider {
     storage: Storage,
@@ -296,35 +297,47 @@ impl Provider for GcsProvider {
         Ok(inventory)
     }
 
-    async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
+    async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError> {
         let what = format!("getting the metadata of {}", self.object(&disk.locator));
         let object: ObjectResource = self
             .get_json(&what, self.api_url(&[&disk.locator])?, "no such object")
             .await?;
-        Ok((object.size()?, object.version()))
+        Ok(Pinned::new(object.size()?, object.version()))
     }
 
     async fn read(
         &self,
         disk: &DiskEntry,
-        version: &Version,
+        pinned: &Pinned,
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ProviderError> {
+        let version = &pinned.version;
         if len == 0 {
             return Ok(Bytes::new());
         }
         let what = format!(
-            "GET {} bytes={offset}-{}",
+            "GET {} bytes={offset}-{} at {}",
             self.object(&disk.locator),
-            offset + len as u64 - 1
+            offset + len as u64 - 1,
+            self.endpoint
         );
+        let expected = Expected {
+            what: &what,
+            offset,
+            len,
+            size: Some(pinned.size),
+            etag: None,
+            modified: None,
+            pinned: version,
+        };
         let mut request = self
             .storage
             .read_object(format!("projects/_/buckets/{}", self.bucket), &disk.locator)
             .set_read_range(ReadRange::segment(offset, len as u64))
             .with_automatic_decompression(false);
-        if let Some(generation) = generation_of(version) {
+        let pinned_generation = generation_of(version);
+        if let Some(generation) = pinned_generation {
             request = request.set_generation(generation);
         }
         let stalled =
@@ -333,38 +346,32 @@ impl Provider for GcsProvider {
             .await
             .map_err(|_| stalled())?
             .map_err(|err| self.map_error(&what, &err, version))?;
-        let mut body: Option<BytesMut> = None;
-        let mut first: Option<Bytes> = None;
+        // The crate hides the status and the Content-Range (it checks the
+        // body against the range the server says it sent, not the one asked
+        // for), so what can be checked is: the generation it reports (from
+        // x-goog-generation), the stored size when sent, and the body's
+        // length, strictly — a server that ignores Range sends more than
+        // asked and is refused at the first byte past `len`. A 206 of the
+        // right length at the wrong offset cannot be told apart here.
+        let object = response.object();
+        if let Some(pinned_generation) = pinned_generation {
+            if object.generation != 0 && object.generation != pinned_generation {
+                return Err(expected.changed());
+            }
+        }
+        // fake-gcs-server does not send x-goog-stored-content-length (0 then).
+        if object.size > 0 && object.size as u64 != pinned.size {
+            return Err(expected.changed());
+        }
+        let mut body = expected.body();
         loop {
             let chunk = tokio::time::timeout(self.stall_timeout, response.next())
                 .await
                 .map_err(|_| stalled())?;
             let Some(chunk) = chunk else { break };
-            let chunk = chunk.map_err(|err| self.map_error(&what, &err, version))?;
-            // The usual case is one chunk holding it all: keep it, no copy.
-            match (&mut body, first.take()) {
-                (None, None) => first = Some(chunk),
-                (None, Some(previous)) => {
-                    let mut joined = BytesMut::with_capacity(len);
-                    joined.extend_from_slice(&previous);
-                    joined.extend_from_slice(&chunk);
-                    body = Some(joined);
-                }
-                (Some(joined), _) => joined.extend_from_slice(&chunk),
-            }
+            body.push(chunk.map_err(|err| self.map_error(&what, &err, version))?)?;
         }
-        let bytes = match (body, first) {
-            (Some(joined), _) => joined.freeze(),
-            (None, Some(only)) => only,
-            (None, None) => Bytes::new(),
-        };
-        if bytes.len() != len {
-            return Err(ProviderError::Unreachable(format!(
-                "{what}: got {} of {len} bytes",
-                bytes.len()
-            )));
-        }
-        Ok(bytes)
+        body.finish()
     }
 }
 

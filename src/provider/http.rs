@@ -7,10 +7,17 @@
 //!           "disks": [{"name": "disk-0.vmdk", "url": "web-01/disk-0.vmdk", "size": 1073741824}]}]}
 //! ```
 //!
-//! `url` may be relative to the manifest; `size` may be left out (HEAD finds
-//! it). The version is the strong ETag when the server sends one (sent back as
-//! `If-Match`), else Last-Modified (`If-Unmodified-Since`), else the size
-//! (checked against each answer's Content-Range).
+//! `url` may be relative to the manifest and must be http or https; `size`
+//! may be left out. Listing sends no request for a disk whose size the
+//! manifest gives (its mtime is then the manifest's Last-Modified): S3 SigV4
+//! and GCS signed URLs are bound to GET, and a HEAD of them gets 403. A disk
+//! without a size, and every disk at open, is asked with HEAD; a HEAD
+//! answered 403, 405 or 501 is followed by `GET Range: bytes=0-0` (size from
+//! the Content-Range total, validators from its headers). The version is the
+//! strong ETag when the server sends one (sent back as `If-Match`), else
+//! Last-Modified (`If-Unmodified-Since`), else the size; every answer is
+//! also checked against them and against the pinned size
+//! ([`super::http_range`] holds the rule).
 
 use std::time::{Duration, SystemTime};
 
@@ -25,9 +32,10 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use url::Url;
 
-use super::http_range::{RangeClient, Ranged};
+use super::http_range::{Answer, Expected, RangeClient, Ranged};
 use super::{
-    causes, is_transient_status, redact_url, DiskEntry, Inventory, Provider, ProviderError, Version,
+    causes, is_transient_status, redact_url, DiskEntry, Inventory, Pinned, Provider, ProviderError,
+    Version,
 };
 use crate::options::MountOptions;
 
@@ -48,17 +56,22 @@ struct ManifestVm {
 struct ManifestDisk {
     name: String,
     url: String,
-    size: Option<u64>,
+    /// Any JSON number, so that a negative, fractional or huge one gets a
+    /// message naming the disk rather than serde's.
+    #[serde(default)]
+    size: Option<serde_json::Number>,
 }
 
 pub struct HttpProvider {
     manifest_url: Url,
     client: reqwest::Client,
-    /// Block fetches of `http://` disks that carry a validator.
+    /// Block fetches of `http://` disks, straight into the block's buffer.
     ranges: RangeClient,
 }
 
 const MANIFEST_HEADS_AT_ONCE: usize = 16;
+/// A manifest lists disks; one larger than this is not a manifest.
+const MAX_MANIFEST: u64 = 64 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const USER_AGENT: &str = concat!("vmexportfs/", env!("CARGO_PKG_VERSION"));
 
@@ -87,46 +100,160 @@ impl HttpProvider {
         })
     }
 
-    async fn head(&self, url: &str) -> Result<HeaderMap, ProviderError> {
+    /// The size (when the server tells it) and the headers of `url`: HEAD,
+    /// or, when HEAD is refused (pre-signed URLs are bound to GET), a
+    /// one-byte ranged GET.
+    async fn stat(&self, url: &str) -> Result<(Option<u64>, HeaderMap), ProviderError> {
         let response = self
             .client
             .head(url)
             .send()
             .await
             .map_err(|err| transport_error(url, err))?;
-        check_status(url, response.status())?;
-        Ok(response.headers().clone())
+        match response.status() {
+            status @ (StatusCode::FORBIDDEN
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::NOT_IMPLEMENTED) => self.probe(url, status).await,
+            status => {
+                check_status(url, status)?;
+                Ok((
+                    content_length(response.headers()),
+                    response.headers().clone(),
+                ))
+            }
+        }
     }
 
-    /// The disk entry for one manifest disk, from a HEAD of its URL.
-    async fn describe(
+    /// `GET Range: bytes=0-0`, after HEAD answered `head_status`.
+    async fn probe(
         &self,
-        path: Vec<String>,
-        listed_size: Option<u64>,
-        url: Url,
-    ) -> Result<DiskEntry, ProviderError> {
-        let headers = self.head(url.as_str()).await?;
-        let size = match listed_size {
-            Some(size) => size,
-            None => content_length(&headers).ok_or_else(|| {
-                ProviderError::Protocol(format!(
-                    "{}: no size in the manifest and no Content-Length",
-                    redact_url(url.as_str())
-                ))
-            })?,
-        };
-        let mtime = headers
-            .get(LAST_MODIFIED)
-            .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok())
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+        url: &str,
+        head_status: StatusCode,
+    ) -> Result<(Option<u64>, HeaderMap), ProviderError> {
+        tracing::debug!(url = %redact_url(url), "HEAD answered {head_status}; probing with GET bytes=0-0");
+        let mut response = self
+            .client
+            .get(url)
+            .header(RANGE, "bytes=0-0")
+            .send()
+            .await
+            .map_err(|err| transport_error(url, err))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let total = headers
+            .get(CONTENT_RANGE)
+            .and_then(|v| content_range_total(v.to_str().ok()?));
+        match status {
+            StatusCode::PARTIAL_CONTENT => {
+                // One byte, read and discarded; a longer body is not read on.
+                let mut got = 0;
+                while got <= 1 {
+                    match response.chunk().await {
+                        Ok(Some(chunk)) => got += chunk.len(),
+                        _ => break,
+                    }
+                }
+                Ok((total, headers))
+            }
+            // Ignores Range: the size is the whole body's, which is left
+            // unread (reads will then say the server ignores Range).
+            StatusCode::OK => Ok((content_length(&headers), headers)),
+            // An empty object has no byte 0: `Content-Range: bytes */0`.
+            StatusCode::RANGE_NOT_SATISFIABLE if total.is_some() => Ok((total, headers)),
+            status => Err(status_error(
+                url,
+                status,
+                &format!("HEAD answered {head_status} and GET bytes=0-0 answered {status}"),
+            )),
+        }
+    }
+
+    /// The disk entry for one manifest disk whose size the manifest leaves
+    /// out: asked of the server.
+    async fn describe(&self, path: Vec<String>, url: Url) -> Result<DiskEntry, ProviderError> {
+        let (size, headers) = self.stat(url.as_str()).await?;
+        let size = size.ok_or_else(|| {
+            ProviderError::Protocol(format!(
+                "{}: no size in the manifest, and the server tells none (no Content-Length or Content-Range total)",
+                redact_url(url.as_str())
+            ))
+        })?;
+        check_size(size, || redact_url(url.as_str()))?;
         Ok(DiskEntry {
             path,
             size,
-            mtime,
+            mtime: http_date(&headers, LAST_MODIFIED).unwrap_or(SystemTime::UNIX_EPOCH),
             version: Self::version_from(&headers, size),
             locator: url.to_string(),
             allocated: None,
         })
+    }
+
+    /// The manifest's bytes (at most [`MAX_MANIFEST`]) and Last-Modified.
+    async fn fetch_manifest(&self) -> Result<(BytesMut, Option<SystemTime>), ProviderError> {
+        let url = self.manifest_url.as_str();
+        let mut response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|err| transport_error(url, err))?;
+        check_status(url, response.status())?;
+        let too_big = || {
+            ProviderError::Protocol(format!(
+                "manifest {}: larger than {} MiB, refused",
+                redact_url(url),
+                MAX_MANIFEST >> 20
+            ))
+        };
+        if content_length(response.headers()).is_some_and(|n| n > MAX_MANIFEST) {
+            return Err(too_big());
+        }
+        let mtime = http_date(response.headers(), LAST_MODIFIED);
+        let mut body = BytesMut::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|err| transport_error(url, err))?
+        {
+            if (body.len() + chunk.len()) as u64 > MAX_MANIFEST {
+                return Err(too_big());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((body, mtime))
+    }
+
+    /// The URL of one manifest disk, which must be http(s) without
+    /// credentials (they would reach logs and `status`).
+    fn disk_url(&self, vm: &str, disk: &ManifestDisk) -> Result<Url, ProviderError> {
+        let bad = |why: String| {
+            ProviderError::Protocol(format!(
+                "manifest {}: disk {:?} of VM {vm:?}: {why}",
+                redact_url(self.manifest_url.as_str()),
+                disk.name
+            ))
+        };
+        let url = self
+            .manifest_url
+            .join(&disk.url)
+            .map_err(|err| bad(format!("bad url: {err}")))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(bad(format!(
+                "url scheme '{}:' is not http or https",
+                url.scheme()
+            )));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(bad("the url has no host".to_string()));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(bad(
+                "credentials in the url (user@ or user:password@) are refused; use a pre-signed url"
+                    .to_string(),
+            ));
+        }
+        Ok(url)
     }
 
     pub(super) fn version_from(headers: &HeaderMap, size: u64) -> Version {
@@ -137,6 +264,43 @@ impl HttpProvider {
             _ => Version(format!("{SIZE_PREFIX}{size}")),
         }
     }
+}
+
+/// A manifest size: a whole number of bytes that a file size (`off_t`) holds.
+fn manifest_size(
+    number: &serde_json::Number,
+    disk: impl FnOnce() -> String,
+) -> Result<u64, ProviderError> {
+    match number.as_u64() {
+        Some(size) => check_size(size, disk).map(|()| size),
+        None => Err(ProviderError::Protocol(format!(
+            "{}: size {number} is not a byte count from 0 to {}",
+            disk(),
+            i64::MAX
+        ))),
+    }
+}
+
+/// Sizes above i64::MAX do not fit a file size.
+fn check_size(size: u64, disk: impl FnOnce() -> String) -> Result<(), ProviderError> {
+    if size > i64::MAX as u64 {
+        return Err(ProviderError::Protocol(format!(
+            "{}: size {size} is above the largest file size ({})",
+            disk(),
+            i64::MAX
+        )));
+    }
+    Ok(())
+}
+
+fn http_date(headers: &HeaderMap, name: reqwest::header::HeaderName) -> Option<SystemTime> {
+    httpdate::parse_http_date(headers.get(name)?.to_str().ok()?).ok()
+}
+
+/// The total of `bytes A-B/TOTAL` or `bytes */TOTAL`.
+fn content_range_total(value: &str) -> Option<u64> {
+    let (_, total) = value.trim().strip_prefix("bytes ")?.split_once('/')?;
+    total.parse().ok()
 }
 
 /// One reqwest client per mount: connection pooling, timeouts, and TLS trust
@@ -196,6 +360,22 @@ pub(super) fn check_status(url: &str, status: StatusCode) -> Result<(), Provider
     }
 }
 
+/// The error for a failed `status`, with `detail` in place of "HTTP …".
+fn status_error(url: &str, status: StatusCode, detail: &str) -> ProviderError {
+    let url = redact_url(url);
+    match status {
+        StatusCode::NOT_FOUND | StatusCode::GONE => {
+            ProviderError::NotFound(format!("{url}: {detail}"))
+        }
+        StatusCode::UNAUTHORIZED => ProviderError::Unauthorized(format!("{url}: {detail}")),
+        StatusCode::FORBIDDEN => ProviderError::Denied(format!("{url}: {detail}")),
+        s if is_transient_status(s.as_u16()) => {
+            ProviderError::Unreachable(format!("{url}: {detail}"))
+        }
+        _ => ProviderError::Protocol(format!("{url}: {detail}")),
+    }
+}
+
 pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(CONTENT_LENGTH)
@@ -218,56 +398,74 @@ pub(super) fn parse_content_range(value: &str) -> Option<(u64, u64, Option<u64>)
 impl Provider for HttpProvider {
     async fn list(&self) -> Result<Inventory, ProviderError> {
         let url = self.manifest_url.as_str();
-        let response = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|err| transport_error(url, err))?;
-        check_status(url, response.status())?;
-        let body = response
-            .bytes()
-            .await
-            .map_err(|err| transport_error(url, err))?;
+        let (body, manifest_mtime) = self.fetch_manifest().await?;
         let manifest: Manifest = serde_json::from_slice(&body).map_err(|err| {
             ProviderError::Protocol(format!("manifest {}: {err}", redact_url(url)))
         })?;
+        if manifest.vms.is_empty() {
+            return Err(ProviderError::Protocol(format!(
+                "manifest {}: \"vms\" lists no VM",
+                redact_url(url)
+            )));
+        }
         let mut inventory = Inventory::default();
-        // Each disk needs a HEAD for its validators; a manifest of many
-        // disks asks several at a time rather than one after another.
+        // Disks with a size in the manifest are listed without a request
+        // (a pre-signed URL refuses HEAD); the others are asked, several at
+        // a time rather than one after another.
         let mut wanted = Vec::new();
         for vm in manifest.vms {
             if vm.disks.is_empty() {
                 inventory.empty_dirs.push(vec![vm.name.clone()]);
             }
-            for disk in vm.disks {
-                let disk_url = self.manifest_url.join(&disk.url).map_err(|err| {
-                    ProviderError::Protocol(format!(
-                        "manifest: disk '{}' of VM '{}': bad url: {err}",
-                        disk.name, vm.name
-                    ))
-                })?;
-                wanted.push((vec![vm.name.clone(), disk.name], disk.size, disk_url));
+            for disk in &vm.disks {
+                let disk_url = self.disk_url(&vm.name, disk)?;
+                let named = || {
+                    format!(
+                        "manifest {}: disk {:?} of VM {:?}",
+                        redact_url(url),
+                        disk.name,
+                        vm.name
+                    )
+                };
+                let size = disk
+                    .size
+                    .as_ref()
+                    .map(|number| manifest_size(number, named))
+                    .transpose()?;
+                wanted.push((vec![vm.name.clone(), disk.name.clone()], size, disk_url));
             }
         }
         inventory.disks = futures::stream::iter(wanted)
-            .map(|(path, size, url)| self.describe(path, size, url))
+            .map(|(path, size, disk_url)| async move {
+                match size {
+                    Some(size) => Ok(DiskEntry {
+                        path,
+                        size,
+                        mtime: manifest_mtime.unwrap_or(SystemTime::UNIX_EPOCH),
+                        version: Version(format!("{SIZE_PREFIX}{size}")),
+                        locator: disk_url.to_string(),
+                        allocated: None,
+                    }),
+                    None => self.describe(path, disk_url).await,
+                }
+            })
             .buffered(MANIFEST_HEADS_AT_ONCE)
             .try_collect()
             .await?;
         Ok(inventory)
     }
 
-    async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
-        let headers = self.head(&disk.locator).await?;
-        let size = content_length(&headers).unwrap_or(disk.size);
-        Ok((size, Self::version_from(&headers, size)))
+    async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError> {
+        let (size, headers) = self.stat(&disk.locator).await?;
+        let size = size.unwrap_or(disk.size);
+        check_size(size, || redact_url(&disk.locator))?;
+        Ok(Pinned::new(size, Self::version_from(&headers, size)))
     }
 
     async fn read(
         &self,
         disk: &DiskEntry,
-        version: &Version,
+        pinned: &Pinned,
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ProviderError> {
@@ -275,24 +473,19 @@ impl Provider for HttpProvider {
             return Ok(Bytes::new());
         }
         let url = disk.locator.as_str();
-        let condition = if let Some(etag) = version.0.strip_prefix(ETAG_PREFIX) {
-            Some(("If-Match", etag))
-        } else {
-            version
-                .0
-                .strip_prefix(MODIFIED_PREFIX)
-                .map(|modified| ("If-Unmodified-Since", modified))
-        };
-        // Plain HTTP with a validator: straight from the socket into the
-        // block. Anything unusual falls through to reqwest below.
-        if let (Some(condition), Ok(parsed)) = (condition, Url::parse(url)) {
-            match self.ranges.get(&parsed, offset, len, Some(condition)).await {
+        let what = describe_get(url, offset, len);
+        let expected = expected(&what, Some(pinned.size), &pinned.version, offset, len);
+        // Plain HTTP: straight from the socket into the block. Anything
+        // unusual falls through to reqwest below.
+        if let Ok(parsed) = Url::parse(url) {
+            match self
+                .ranges
+                .get(&parsed, &expected, condition(&expected))
+                .await
+            {
                 Ok(Ranged::Data(body)) => return Ok(body.freeze()),
-                Ok(Ranged::PreconditionFailed) => {
-                    return Err(ProviderError::Changed {
-                        pinned: version.0.clone(),
-                    })
-                }
+                Ok(Ranged::PreconditionFailed) => return Err(expected.changed()),
+                Ok(Ranged::Refused(err)) => return Err(err),
                 Ok(Ranged::Fallback) => {}
                 Err(err) => {
                     return Err(ProviderError::Unreachable(format!(
@@ -302,14 +495,53 @@ impl Provider for HttpProvider {
                 }
             }
         }
-        ranged_get(&self.client, url, disk.size, version, offset, len).await
+        fetch(&self.client, url, &expected).await
+    }
+}
+
+/// `GET URL bytes=A-B`, the query string hidden: names the server and the
+/// object in every message about one fetch.
+fn describe_get(url: &str, offset: u64, len: usize) -> String {
+    format!(
+        "GET {} bytes={offset}-{}",
+        redact_url(url),
+        offset + len as u64 - 1
+    )
+}
+
+/// What a fetch under an HTTP-style version (ETag, Last-Modified or size)
+/// must get back.
+fn expected<'a>(
+    what: &'a str,
+    size: Option<u64>,
+    version: &'a Version,
+    offset: u64,
+    len: usize,
+) -> Expected<'a> {
+    Expected {
+        what,
+        offset,
+        len,
+        size,
+        etag: version.0.strip_prefix(ETAG_PREFIX),
+        modified: version.0.strip_prefix(MODIFIED_PREFIX),
+        pinned: version,
+    }
+}
+
+/// The precondition header sent with a fetch.
+fn condition<'a>(expected: &Expected<'a>) -> Option<(&'static str, &'a str)> {
+    match (expected.etag, expected.modified) {
+        (Some(etag), _) => Some(("If-Match", etag)),
+        (None, Some(modified)) => Some(("If-Unmodified-Since", modified)),
+        (None, None) => None,
     }
 }
 
 /// `len` bytes at `offset` through reqwest, sending the pinned version as a
-/// precondition (`If-Match`, `If-Unmodified-Since`, or a size check against
-/// the answer's Content-Range). `whole_size` allows a `200` to a range that
-/// covers the whole file.
+/// precondition (`If-Match`, `If-Unmodified-Since`) and checking the answer
+/// against it and against `whole_size` (the pinned size; a `200` is taken
+/// only for a range that covers all of it). vSphere reads through here.
 pub(super) async fn ranged_get(
     client: &reqwest::Client,
     url: &str,
@@ -318,80 +550,62 @@ pub(super) async fn ranged_get(
     offset: u64,
     len: usize,
 ) -> Result<Bytes, ProviderError> {
-    let last = offset + len as u64 - 1;
-    let mut request = client
-        .get(url)
-        .header(RANGE, format!("bytes={offset}-{last}"));
-    if let Some(etag) = version.0.strip_prefix(ETAG_PREFIX) {
-        request = request.header(IF_MATCH, etag);
-    } else if let Some(modified) = version.0.strip_prefix(MODIFIED_PREFIX) {
-        request = request.header(IF_UNMODIFIED_SINCE, modified);
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    let what = describe_get(url, offset, len);
+    fetch(
+        client,
+        url,
+        &expected(&what, Some(whole_size), version, offset, len),
+    )
+    .await
+}
+
+async fn fetch(
+    client: &reqwest::Client,
+    url: &str,
+    expected: &Expected<'_>,
+) -> Result<Bytes, ProviderError> {
+    let mut request = client.get(url).header(
+        RANGE,
+        format!("bytes={}-{}", expected.offset, expected.last()),
+    );
+    match condition(expected) {
+        Some(("If-Match", etag)) => request = request.header(IF_MATCH, etag),
+        Some((_, modified)) => request = request.header(IF_UNMODIFIED_SINCE, modified),
+        None => {}
     }
     let mut response = request
         .send()
         .await
         .map_err(|err| transport_error(url, err))?;
-    let changed = || ProviderError::Changed {
-        pinned: version.0.clone(),
-    };
-    match response.status() {
-        StatusCode::PRECONDITION_FAILED => return Err(changed()),
-        StatusCode::PARTIAL_CONTENT => {
-            let range = response
-                .headers()
-                .get(CONTENT_RANGE)
-                .and_then(|v| parse_content_range(v.to_str().ok()?));
-            match range {
-                Some((start, end, total)) if start == offset && end == last => {
-                    if let (Some(total), Some(size)) = (total, version.0.strip_prefix(SIZE_PREFIX))
-                    {
-                        if size != total.to_string() {
-                            return Err(changed());
-                        }
-                    }
-                }
-                _ => {
-                    return Err(ProviderError::Protocol(format!(
-                        "{}: answered bytes={offset}-{last} with Content-Range {:?}",
-                        redact_url(url),
-                        response.headers().get(CONTENT_RANGE)
-                    )))
-                }
-            }
+    let status = response.status();
+    match status {
+        StatusCode::PRECONDITION_FAILED | StatusCode::RANGE_NOT_SATISFIABLE => {
+            return Err(expected.changed())
         }
-        StatusCode::OK if offset == 0 && len as u64 == whole_size => {}
-        StatusCode::OK => {
-            return Err(ProviderError::Protocol(format!(
-                "{}: the server ignores Range requests",
-                redact_url(url)
-            )))
-        }
-        StatusCode::RANGE_NOT_SATISFIABLE => return Err(changed()),
-        status => check_status(url, status)?,
+        s if s.is_success() => {}
+        s => return Err(status_error(url, s, &format!("HTTP {s}"))),
     }
-    let mut buf = BytesMut::with_capacity(len);
+    let headers = response.headers();
+    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    expected.check(&Answer {
+        status: Some(status.as_u16()),
+        content_range: text(CONTENT_RANGE),
+        content_length: content_length(headers),
+        etag: text(ETAG),
+        last_modified: text(LAST_MODIFIED),
+    })?;
+    let mut body = expected.body();
     while let Some(chunk) = response
         .chunk()
         .await
         .map_err(|err| transport_error(url, err))?
     {
-        if buf.len() + chunk.len() > len {
-            return Err(ProviderError::Protocol(format!(
-                "{}: more bytes than asked for",
-                redact_url(url)
-            )));
-        }
-        buf.extend_from_slice(&chunk);
+        body.push(chunk)?;
     }
-    if buf.len() != len {
-        // A body cut short is a transport fault: worth a retry.
-        return Err(ProviderError::Unreachable(format!(
-            "{}: body ended after {} of {len} bytes",
-            redact_url(url),
-            buf.len()
-        )));
-    }
-    Ok(buf.freeze())
+    body.finish()
 }
 
 #[cfg(test)]
@@ -415,9 +629,37 @@ mod tests {
             r#"{"vms":[{"name":"a","disks":[{"name":"d","url":"a/d","size":5},{"name":"e","url":"http://x/e"}]}]}"#,
         )
         .unwrap();
-        assert_eq!(manifest.vms[0].disks[0].size, Some(5));
-        assert_eq!(manifest.vms[0].disks[1].size, None);
+        let named = || "d".to_string();
+        let size = manifest.vms[0].disks[0].size.as_ref().unwrap();
+        assert_eq!(manifest_size(size, named).unwrap(), 5);
+        assert!(manifest.vms[0].disks[1].size.is_none());
         assert!(serde_json::from_str::<Manifest>(r#"{"vm":[]}"#).is_err());
+    }
+
+    #[test]
+    fn manifest_sizes_must_fit_a_file_size() {
+        let size = |text: &str| {
+            let number: serde_json::Number = serde_json::from_str(text).unwrap();
+            manifest_size(&number, || "disk \"x\"".to_string()).map_err(|e| e.to_string())
+        };
+        assert_eq!(size("0"), Ok(0));
+        assert_eq!(size("9223372036854775807"), Ok(i64::MAX as u64));
+        for bad in [
+            "-1",
+            "1.5",
+            "9223372036854775808",
+            "18446744073709551615",
+            "1e30",
+        ] {
+            let err = size(bad).unwrap_err();
+            assert!(
+                err.contains("disk \"x\"") && err.contains("size"),
+                "{bad}: {err}"
+            );
+        }
+        assert_eq!(content_range_total("bytes */0"), Some(0));
+        assert_eq!(content_range_total("bytes 0-0/77"), Some(77));
+        assert_eq!(content_range_total("bytes 0-0/*"), None);
     }
 
     #[test]

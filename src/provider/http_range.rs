@@ -1,32 +1,245 @@
-//! Zero-copy Range GETs over plain HTTP/1.1, for the `http://` provider.
+//! The one rule every ranged fetch obeys ([`Expected`], [`Answer`],
+//! [`Body`]), and zero-copy Range GETs over plain HTTP/1.1 for the
+//! `http://` provider ([`RangeClient`]).
+//!
+//! The rule, for http, s3, az, gs and vsphere alike: an answer is accepted
+//! only as a `206` whose Content-Range is exactly the range asked for (and
+//! whose total is the pinned size, when known), or as a `200` when the range
+//! asked for is the whole object. No more than the bytes asked for are ever
+//! buffered. A `200` for a part, a wrong Content-Range or a body longer than
+//! asked is permanent (a server or proxy that ignores Range would answer the
+//! same way to every retry, each time with the whole object), and the message
+//! names the server and the object. A body cut short is a transport fault,
+//! worth a retry. An answer carrying a validator (ETag, Last-Modified) that
+//! differs from the pinned one is [`ProviderError::Changed`].
 //!
 //! reqwest (hyper) hands a body over as chunks of its own read buffer, so a
 //! block had to be assembled by copying every chunk: measured here, that
-//! copy was 18% of the mount's CPU at 1.3 GB/s. This client reads the
+//! copy was 18% of the mount's CPU at 1.3 GB/s. [`RangeClient`] reads the
 //! response head into a small buffer and then the body straight from the
 //! socket into the block's buffer. It does only the one thing the read path
-//! needs — a `206` with a Content-Length on a kept-alive connection — and
-//! answers [`Ranged::Fallback`] for anything else (redirects, chunked
-//! bodies, errors, a server that ignores ranges), which the provider then
-//! repeats through reqwest with its full HTTP handling.
+//! needs — a `200`/`206` with a Content-Length on a kept-alive connection —
+//! and answers [`Ranged::Fallback`] for anything else (redirects, chunked
+//! bodies, errors), which the provider then repeats through reqwest with its
+//! full HTTP handling.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use url::Url;
 
+use super::{ProviderError, Version};
+
 const MAX_HEAD: usize = 64 << 10;
 const MAX_IDLE_PER_HOST: usize = 64;
+
+/// What one ranged fetch asked for, and what its answer must match.
+pub struct Expected<'a> {
+    /// Names the server and the object, e.g. `GET http://host/d bytes=0-9`.
+    pub what: &'a str,
+    pub offset: u64,
+    pub len: usize,
+    /// The pinned size, when the provider knows it.
+    pub size: Option<u64>,
+    /// The pinned ETag, if the pin has one.
+    pub etag: Option<&'a str>,
+    /// The pinned Last-Modified (an HTTP date), if the pin has one.
+    pub modified: Option<&'a str>,
+    /// The pinned version, for [`ProviderError::Changed`].
+    pub pinned: &'a Version,
+}
+
+/// The head of an answer, as far as the client lets us see it.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Answer<'a> {
+    /// `None` when an SDK hides it: a Content-Range then means 206, none 200.
+    pub status: Option<u16>,
+    pub content_range: Option<&'a str>,
+    pub content_length: Option<u64>,
+    pub etag: Option<&'a str>,
+    pub last_modified: Option<&'a str>,
+}
+
+impl Expected<'_> {
+    /// The last byte asked for (inclusive, as in `Range: bytes=A-B`).
+    pub fn last(&self) -> u64 {
+        self.offset + self.len as u64 - 1
+    }
+
+    pub fn changed(&self) -> ProviderError {
+        ProviderError::Changed {
+            pinned: self.pinned.0.clone(),
+        }
+    }
+
+    fn protocol(&self, why: std::fmt::Arguments<'_>) -> ProviderError {
+        ProviderError::Protocol(format!("{}: {why}", self.what))
+    }
+
+    /// Judges a successful answer's head before any byte of its body is
+    /// read: the status and Content-Range, the length, the validators.
+    pub fn check(&self, answer: &Answer<'_>) -> Result<(), ProviderError> {
+        let status = answer.status.unwrap_or(if answer.content_range.is_some() {
+            206
+        } else {
+            200
+        });
+        match status {
+            206 => {
+                let range = answer
+                    .content_range
+                    .and_then(super::http::parse_content_range);
+                match range {
+                    Some((start, end, total)) if start == self.offset && end == self.last() => {
+                        if let (Some(total), Some(size)) = (total, self.size) {
+                            if total != size {
+                                // Another length: another version of the object.
+                                return Err(self.changed());
+                            }
+                        }
+                    }
+                    _ => {
+                        return Err(self.protocol(format_args!(
+                            "answered bytes={}-{} with Content-Range {:?}",
+                            self.offset,
+                            self.last(),
+                            answer.content_range.unwrap_or("(none)")
+                        )))
+                    }
+                }
+            }
+            200 if self.offset == 0 && self.size == Some(self.len as u64) => {}
+            200 => {
+                return Err(self.protocol(format_args!(
+                    "the server ignores Range: it answered bytes={}-{} with 200 and the whole object{} (refused, not retried)",
+                    self.offset,
+                    self.last(),
+                    answer
+                        .content_length
+                        .map(|n| format!(" ({n} bytes)"))
+                        .unwrap_or_default()
+                )))
+            }
+            other => return Err(self.protocol(format_args!("unexpected HTTP {other}"))),
+        }
+        if let Some(length) = answer.content_length {
+            if length != self.len as u64 {
+                return Err(self.protocol(format_args!(
+                    "Content-Length {length} for the {} bytes asked for",
+                    self.len
+                )));
+            }
+        }
+        if let (Some(pinned), Some(answered)) = (self.etag, answer.etag) {
+            if !same_etag(pinned, answered) {
+                return Err(self.changed());
+            }
+        }
+        if let (Some(pinned), Some(answered)) = (self.modified, answer.last_modified) {
+            if !same_date(pinned, answered) {
+                return Err(self.changed());
+            }
+        }
+        Ok(())
+    }
+
+    /// An empty body for this fetch, which refuses more than `len` bytes.
+    pub fn body(&self) -> Body<'_> {
+        Body {
+            expected: self,
+            first: None,
+            joined: None,
+            got: 0,
+        }
+    }
+}
+
+/// ETags compared as opaque strings, without the quotes and the weak mark
+/// some clients and servers add or drop.
+pub fn same_etag(a: &str, b: &str) -> bool {
+    let bare = |e: &str| {
+        e.trim()
+            .trim_start_matches("W/")
+            .trim_matches('"')
+            .to_string()
+    };
+    bare(a) == bare(b)
+}
+
+/// HTTP dates compared as instants (the formats differ in spelling).
+fn same_date(a: &str, b: &str) -> bool {
+    match (httpdate::parse_http_date(a), httpdate::parse_http_date(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a.trim() == b.trim(),
+    }
+}
+
+/// A body being received, chunk by chunk, for one [`Expected`] fetch.
+pub struct Body<'a> {
+    expected: &'a Expected<'a>,
+    /// The usual case is one chunk holding it all: kept as is, no copy.
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+    got: usize,
+}
+
+impl Body<'_> {
+    /// Takes one more chunk; more bytes than asked for is a permanent error,
+    /// raised before they are kept.
+    pub fn push(&mut self, chunk: Bytes) -> Result<(), ProviderError> {
+        let expected = self.expected;
+        if chunk.len() > expected.len - self.got {
+            return Err(expected.protocol(format_args!(
+                "the server sent more than the {} bytes asked for (refused, not retried)",
+                expected.len
+            )));
+        }
+        self.got += chunk.len();
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match (&mut self.joined, self.first.take()) {
+            (None, None) => self.first = Some(chunk),
+            (None, Some(previous)) => {
+                let mut joined = BytesMut::with_capacity(expected.len);
+                joined.extend_from_slice(&previous);
+                joined.extend_from_slice(&chunk);
+                self.joined = Some(joined);
+            }
+            (Some(joined), _) => joined.extend_from_slice(&chunk),
+        }
+        Ok(())
+    }
+
+    /// The whole body; one cut short is a transport fault, worth a retry.
+    pub fn finish(self) -> Result<Bytes, ProviderError> {
+        let expected = self.expected;
+        if self.got != expected.len {
+            return Err(ProviderError::Unreachable(format!(
+                "{}: body ended after {} of {} bytes",
+                expected.what, self.got, expected.len
+            )));
+        }
+        Ok(match (self.joined, self.first) {
+            (Some(joined), _) => joined.freeze(),
+            (None, Some(only)) => only,
+            (None, None) => Bytes::new(),
+        })
+    }
+}
 
 pub enum Ranged {
     /// The body, exactly the bytes asked for.
     Data(BytesMut),
     /// 412: the validator sent no longer matches.
     PreconditionFailed,
+    /// An answer [`Expected::check`] refuses (ignored Range, wrong
+    /// Content-Range or length, another version).
+    Refused(ProviderError),
     /// Anything this client does not handle; ask again through reqwest.
     Fallback,
 }
@@ -48,15 +261,15 @@ impl RangeClient {
         }
     }
 
-    /// `len` bytes at `offset` of `url` (plain `http://` only), sending
-    /// `condition` (a header name and value) along.
+    /// The bytes `expected` asks for from `url` (plain `http://` only),
+    /// sending `condition` (a header name and value) along.
     pub async fn get(
         &self,
         url: &Url,
-        offset: u64,
-        len: usize,
+        expected: &Expected<'_>,
         condition: Option<(&str, &str)>,
     ) -> std::io::Result<Ranged> {
+        let offset = expected.offset;
         let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
             return Ok(Ranged::Fallback);
         };
@@ -73,7 +286,7 @@ impl RangeClient {
                 None => host.to_string(),
             },
             self.user_agent,
-            offset + len as u64 - 1,
+            expected.last(),
         );
         if let Some((name, value)) = condition {
             request.push_str(&format!("{name}: {value}\r\n"));
@@ -83,7 +296,7 @@ impl RangeClient {
         // A kept-alive connection may have been closed by the server while
         // idle: that shows as an error before any response; try a fresh one.
         if let Some(stream) = self.take_idle(&authority) {
-            match self.exchange(stream, &request, offset, len).await {
+            match self.exchange(stream, &request, expected).await {
                 Ok((outcome, stream)) => return Ok(self.finish(&authority, outcome, stream)),
                 Err(err) if is_stale(&err) => {}
                 Err(err) => return Err(err),
@@ -98,7 +311,7 @@ impl RangeClient {
                 )
             })??;
         stream.set_nodelay(true)?;
-        let (outcome, stream) = self.exchange(stream, &request, offset, len).await?;
+        let (outcome, stream) = self.exchange(stream, &request, expected).await?;
         Ok(self.finish(&authority, outcome, stream))
     }
 
@@ -130,9 +343,9 @@ impl RangeClient {
         &self,
         mut stream: TcpStream,
         request: &str,
-        offset: u64,
-        len: usize,
+        expected: &Expected<'_>,
     ) -> std::io::Result<(Ranged, Option<TcpStream>)> {
+        let len = expected.len;
         stream.write_all(request.as_bytes()).await?;
         let mut head = Vec::with_capacity(4096);
         let head_len = loop {
@@ -174,12 +387,30 @@ impl RangeClient {
         let keep_alive =
             !header("connection").is_some_and(|v| v.to_ascii_lowercase().contains("close"));
         let status = response.code.unwrap_or(0);
-        let range_ok = header("content-range")
-            .and_then(super::http::parse_content_range)
-            .is_some_and(|(start, end, _)| start == offset && end == offset + len as u64 - 1);
         let body_start = &head[head_len..];
         match (status, content_length, chunked) {
-            (206, Some(length), false) if length == len && range_ok && body_start.len() <= len => {
+            (200 | 206, Some(length), false) => {
+                let answer = Answer {
+                    status: Some(status),
+                    content_range: header("content-range"),
+                    content_length: Some(length as u64),
+                    etag: header("etag"),
+                    last_modified: header("last-modified"),
+                };
+                // Refused before a byte of the body is read; the
+                // connection, with its unread body, is dropped.
+                if let Err(err) = expected.check(&answer) {
+                    return Ok((Ranged::Refused(err), None));
+                }
+                if body_start.len() > len {
+                    return Ok((
+                        Ranged::Refused(ProviderError::Protocol(format!(
+                            "{}: the server sent more than the {len} bytes asked for",
+                            expected.what
+                        ))),
+                        None,
+                    ));
+                }
                 let mut body = BytesMut::with_capacity(len);
                 body.put_slice(body_start);
                 while body.len() < len {
@@ -269,6 +500,125 @@ mod tests {
         RangeClient::new(Duration::from_secs(2), Duration::from_secs(2), "test")
     }
 
+    const PINNED: &Version = &Version(String::new());
+
+    /// `len` bytes at `offset` of an object of `size` bytes.
+    fn asking(offset: u64, len: usize, size: Option<u64>) -> Expected<'static> {
+        Expected {
+            what: "GET http://server/disk",
+            offset,
+            len,
+            size,
+            etag: None,
+            modified: None,
+            pinned: PINNED,
+        }
+    }
+
+    fn answer(status: u16, range: Option<&'static str>, length: u64) -> Answer<'static> {
+        Answer {
+            status: Some(status),
+            content_range: range,
+            content_length: Some(length),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_the_exact_range_or_the_whole_object_is_accepted() {
+        let part = asking(10, 5, Some(100));
+        assert!(part.check(&answer(206, Some("bytes 10-14/100"), 5)).is_ok());
+        assert!(part.check(&answer(206, Some("bytes 10-14/*"), 5)).is_ok());
+        for (status, range, length, why) in [
+            (200, None, 100, "ignores Range"),
+            (206, Some("bytes 0-4/100"), 5, "Content-Range"),
+            (206, Some("bytes 10-19/100"), 10, "Content-Range"),
+            (206, None, 5, "Content-Range"),
+            (206, Some("bytes 10-14/100"), 6, "Content-Length"),
+            (204, None, 0, "unexpected HTTP 204"),
+        ] {
+            let err = part.check(&answer(status, range, length)).unwrap_err();
+            assert!(matches!(err, ProviderError::Protocol(_)), "{err}");
+            assert!(!err.is_transient(), "{err}");
+            let text = err.to_string();
+            assert!(
+                text.contains(why) && text.contains("http://server/disk"),
+                "{text}"
+            );
+        }
+        // Another total: the object is another version.
+        assert!(matches!(
+            part.check(&answer(206, Some("bytes 10-14/101"), 5)),
+            Err(ProviderError::Changed { .. })
+        ));
+        // A 200 is the right answer only to a range that is the whole object.
+        assert!(asking(0, 100, Some(100))
+            .check(&answer(200, None, 100))
+            .is_ok());
+        assert!(asking(0, 100, None).check(&answer(200, None, 100)).is_err());
+        // An SDK that hides the status: a Content-Range means 206.
+        let hidden = Answer {
+            status: None,
+            ..answer(0, Some("bytes 10-14/100"), 5)
+        };
+        assert!(part.check(&hidden).is_ok());
+        let hidden = Answer {
+            status: None,
+            ..answer(0, None, 100)
+        };
+        assert!(part.check(&hidden).is_err());
+    }
+
+    #[test]
+    fn answers_carrying_other_validators_are_another_version() {
+        let mut part = asking(0, 5, Some(100));
+        part.etag = Some("\"abc\"");
+        part.modified = Some("Wed, 21 Oct 2015 07:28:00 GMT");
+        let mut ok = answer(206, Some("bytes 0-4/100"), 5);
+        ok.etag = Some("abc");
+        ok.last_modified = Some("Wed, 21 Oct 2015 07:28:00 GMT");
+        assert!(part.check(&ok).is_ok());
+        let other_etag = Answer {
+            etag: Some("\"abd\""),
+            ..ok
+        };
+        assert!(matches!(
+            part.check(&other_etag),
+            Err(ProviderError::Changed { .. })
+        ));
+        let other_date = Answer {
+            last_modified: Some("Wed, 21 Oct 2015 07:28:01 GMT"),
+            ..ok
+        };
+        assert!(matches!(
+            part.check(&other_date),
+            Err(ProviderError::Changed { .. })
+        ));
+    }
+
+    #[test]
+    fn a_body_never_holds_more_than_asked_for() {
+        let expected = asking(0, 5, None);
+        let mut body = expected.body();
+        body.push(Bytes::from_static(b"abc")).unwrap();
+        let err = body.push(Bytes::from_static(b"def")).unwrap_err();
+        assert!(matches!(err, ProviderError::Protocol(_)), "{err}");
+        assert!(err.to_string().contains("more than the 5 bytes"), "{err}");
+
+        let mut body = expected.body();
+        body.push(Bytes::from_static(b"ab")).unwrap();
+        body.push(Bytes::from_static(b"cde")).unwrap();
+        assert_eq!(&body.finish().unwrap()[..], b"abcde");
+
+        let mut body = expected.body();
+        body.push(Bytes::from_static(b"abcd")).unwrap();
+        let short = body.finish().unwrap_err();
+        assert!(
+            short.is_transient(),
+            "a body cut short is worth a retry: {short}"
+        );
+    }
+
     #[tokio::test]
     async fn reads_ranges_and_reuses_the_connection() {
         let (url, server) = serve(vec![
@@ -278,14 +628,19 @@ mod tests {
         .await;
         let client = client();
         let Ranged::Data(first) = client
-            .get(&url, 10, 5, Some(("If-Match", "\"v1\"")))
+            .get(
+                &url,
+                &asking(10, 5, Some(100)),
+                Some(("If-Match", "\"v1\"")),
+            )
             .await
             .unwrap()
         else {
             panic!("not data");
         };
         assert_eq!(&first[..], b"hello");
-        let Ranged::Data(second) = client.get(&url, 0, 3, None).await.unwrap() else {
+        let Ranged::Data(second) = client.get(&url, &asking(0, 3, None), None).await.unwrap()
+        else {
             panic!("not data");
         };
         assert_eq!(&second[..], b"abc");
@@ -304,22 +659,36 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn other_answers_fall_back_or_fail_cleanly() {
+    async fn other_answers_fall_back_are_refused_or_fail_cleanly() {
         let (url, server) = serve(vec![
             b"HTTP/1.1 412 Precondition Failed\r\nContent-Length: 2\r\n\r\nno".to_vec(),
-            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc".to_vec(),
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_vec(),
         ])
         .await;
         let client = client();
         assert!(matches!(
-            client.get(&url, 0, 3, None).await.unwrap(),
+            client.get(&url, &asking(0, 3, None), None).await.unwrap(),
             Ranged::PreconditionFailed
         ));
         assert!(matches!(
-            client.get(&url, 0, 3, None).await.unwrap(),
+            client.get(&url, &asking(0, 3, None), None).await.unwrap(),
             Ranged::Fallback
         ));
         server.await.unwrap();
+
+        // A server that ignores Range: refused on its head alone.
+        let (url, _server) = serve(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\nabc".to_vec(),
+        ])
+        .await;
+        let Ranged::Refused(err) = client
+            .get(&url, &asking(10, 3, Some(1_000_000)), None)
+            .await
+            .unwrap()
+        else {
+            panic!("a 200 for a part was accepted");
+        };
+        assert!(err.to_string().contains("ignores Range"), "{err}");
 
         let (url, _server) = serve(vec![
             b"HTTP/1.1 206 OK\r\nContent-Length: 10\r\nContent-Range: bytes 0-9/10\r\n\r\nabc"
@@ -327,7 +696,7 @@ mod tests {
         ])
         .await;
         let err = client
-            .get(&url, 0, 10, None)
+            .get(&url, &asking(0, 10, Some(10)), None)
             .await
             .err()
             .expect("short body");

@@ -18,22 +18,26 @@ use aws_config::{BehaviorVersion, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use bytes::Bytes;
 
+use super::http_range::{Answer, Expected};
 use super::{
     bucket_and_prefix, causes, is_transient_status, place_key, DiskEntry, Inventory, KeyPlace,
-    Provider, ProviderError, Version,
+    Pinned, Provider, ProviderError, Version,
 };
 use crate::options::MountOptions;
 
 const ETAG_PREFIX: &str = "etag:";
-/// The SDK's own retries stay short: the read path retries on top, with
-/// its own backoff, and a mount must never hang on a dead endpoint.
-const SDK_ATTEMPTS: u32 = 2;
+/// One attempt per SDK call: the read path's retries, within `timeout=`,
+/// are the only ones, so a dead endpoint fails a read in bounded time.
+const SDK_ATTEMPTS: u32 = 1;
 
 pub struct S3Provider {
     client: aws_sdk_s3::Client,
     bucket: String,
     /// Empty, or ends with `/`.
     prefix: String,
+    /// The endpoint, named in messages about a refused answer (the proxy
+    /// or S3-compatible store that ignores Range, say).
+    server: String,
 }
 
 /// Splits `s3://bucket/some/prefix` into ("bucket", "some/prefix/").
@@ -90,6 +94,10 @@ impl S3Provider {
             client: aws_sdk_s3::Client::from_conf(config.build()),
             bucket,
             prefix,
+            server: options
+                .endpoint
+                .as_deref()
+                .map_or_else(|| "AWS S3".to_string(), super::redact_url),
         })
     }
 
@@ -203,7 +211,7 @@ impl Provider for S3Provider {
         Ok(inventory)
     }
 
-    async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
+    async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError> {
         let head = self
             .client
             .head_object()
@@ -214,54 +222,73 @@ impl Provider for S3Provider {
             .map_err(|err| map_error(&format!("HEAD {}", self.object(&disk.locator)), err, None))?;
         let size = head.content_length().unwrap_or(0).max(0) as u64;
         let etag = head.e_tag().unwrap_or("");
-        Ok((size, Version(format!("{ETAG_PREFIX}{etag}"))))
+        Ok(Pinned::new(size, Version(format!("{ETAG_PREFIX}{etag}"))))
     }
 
     async fn read(
         &self,
         disk: &DiskEntry,
-        version: &Version,
+        pinned: &Pinned,
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ProviderError> {
+        let version = &pinned.version;
         if len == 0 {
             return Ok(Bytes::new());
         }
         let what = format!(
-            "GET {} bytes={offset}-{}",
+            "GET {} bytes={offset}-{} at {}",
             self.object(&disk.locator),
-            offset + len as u64 - 1
+            offset + len as u64 - 1,
+            self.server
         );
+        let etag = version
+            .0
+            .strip_prefix(ETAG_PREFIX)
+            .filter(|e| !e.is_empty());
+        let expected = Expected {
+            what: &what,
+            offset,
+            len,
+            size: Some(pinned.size),
+            etag,
+            modified: None,
+            pinned: version,
+        };
         let mut request = self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(&disk.locator)
-            .range(format!("bytes={offset}-{}", offset + len as u64 - 1));
-        if let Some(etag) = version
-            .0
-            .strip_prefix(ETAG_PREFIX)
-            .filter(|e| !e.is_empty())
-        {
+            .range(format!("bytes={offset}-{}", expected.last()));
+        if let Some(etag) = etag {
             request = request.if_match(etag);
         }
         let response = request
             .send()
             .await
             .map_err(|err| map_error(&what, err, Some(version)))?;
-        let body = response
-            .body
-            .collect()
-            .await
-            .map_err(|err| ProviderError::Unreachable(format!("{what}: body: {}", causes(&err))))?
-            .into_bytes();
-        if body.len() != len {
-            return Err(ProviderError::Unreachable(format!(
-                "{what}: got {} of {len} bytes",
-                body.len()
-            )));
+        // The SDK takes 200 and 206 alike as success and hides the status:
+        // a Content-Range stands for 206, none for 200. Judged before a
+        // byte of the body is read; an unread body is dropped with its
+        // connection.
+        expected.check(&Answer {
+            status: None,
+            content_range: response.content_range(),
+            content_length: response
+                .content_length()
+                .and_then(|n| u64::try_from(n).ok()),
+            etag: response.e_tag(),
+            last_modified: None,
+        })?;
+        let mut stream = response.body;
+        let mut body = expected.body();
+        while let Some(chunk) = stream.next().await {
+            body.push(chunk.map_err(|err| {
+                ProviderError::Unreachable(format!("{what}: body: {}", causes(&err)))
+            })?)?;
         }
-        Ok(body)
+        body.finish()
     }
 }
 

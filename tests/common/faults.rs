@@ -19,6 +19,10 @@ pub enum Fault {
     CutBody,
     /// Forward the head and a little body, then send nothing for `STALL`.
     Stall,
+    /// Forward the request without its Range header (`Range`, Azure's
+    /// `x-ms-range`), as a proxy that ignores ranges does: upstream answers
+    /// 200 with the whole object.
+    StripRange,
 }
 
 const STALL: Duration = Duration::from_secs(6);
@@ -156,7 +160,12 @@ fn handle(
     let text = String::from_utf8_lossy(&head);
     let mut forwarded: String = text
         .split("\r\n")
-        .filter(|line| !line.to_ascii_lowercase().starts_with("connection:"))
+        .filter(|line| {
+            let lower = line.to_ascii_lowercase();
+            let strip_range = fault == Some(Fault::StripRange)
+                && (lower.starts_with("range:") || lower.starts_with("x-ms-range:"));
+            !(lower.starts_with("connection:") || strip_range)
+        })
         .take_while(|line| !line.is_empty())
         .map(|line| format!("{line}\r\n"))
         .collect();
