@@ -175,7 +175,11 @@ fn snapshot_on_takes_a_snapshot_at_first_open_and_removes_it_at_last_close() {
     let sim = Vcsim::start(8, &[]);
     let filled = sim.fill_all_disks();
     let api = sim.api();
-    let mount = Mount::new(&sim.source("DC0"), &sim.options("snapshot=on"));
+    // No linger: the last close itself removes the snapshot.
+    let mount = Mount::new(
+        &sim.source("DC0"),
+        &sim.options("snapshot=on,snapshot_linger=0"),
+    );
     assert_eq!(api.snapshots(), vec![], "listing takes no snapshot");
 
     let flat = std::fs::File::open(mount.file("DC0_H0_VM1/disk1-flat.vmdk")).unwrap();
@@ -213,7 +217,10 @@ fn snapshots_go_when_the_reader_is_killed_and_when_the_mount_is_stopped() {
     let sim = Vcsim::start(8, &[]);
     sim.fill_all_disks();
     let api = sim.api();
-    let mount = Mount::new(&sim.source("DC0"), &sim.options("snapshot=on,rate=1M"));
+    let mount = Mount::new(
+        &sim.source("DC0"),
+        &sim.options("snapshot=on,rate=1M,snapshot_linger=1"),
+    );
 
     // A copy killed half-way: the kernel closes its file.
     let mut dd = Command::new("dd")
@@ -257,7 +264,7 @@ fn snapshots_go_when_the_reader_is_killed_and_when_the_mount_is_stopped() {
 }
 
 #[test]
-fn a_disk_removed_from_the_datastore_fails_that_read_with_eio() {
+fn a_disk_removed_from_the_datastore_fails_that_read_with_enoent() {
     let sim = Vcsim::start(64, &[]);
     let filled = sim.fill_all_disks();
     let mount = Mount::new(&sim.source("DC0"), &sim.options(""));
@@ -274,7 +281,9 @@ fn a_disk_removed_from_the_datastore_fails_that_read_with_eio() {
     let err = file
         .read_exact_at(&mut head, 60 * MIB)
         .expect_err("read of a removed disk");
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Gone at the provider since listing: ENOENT (issue 11), so a backup
+    // tool can tell it from a disk that changed under it (EIO).
+    assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err}");
     let log = mount.log_text();
     assert!(
         log.contains(&format!("{}/disk1-flat.vmdk", vm.name)),
@@ -363,4 +372,205 @@ fn bad_inputs_fail_with_one_clear_line_and_nothing_mounted() {
         &format!("insecure,credentials={}", sim.password_file.display()),
     );
     assert!(mount.log_text().contains("verification is off"));
+}
+
+/// The simulator's VPX model as it comes: no folder below the datacenter's
+/// VM folder, the model's own 1 MiB disks.
+fn default_inventory() -> Vcsim {
+    let sim = Vcsim::start(0, &["-collide=false"]);
+    let mut names: Vec<&str> = sim.vms.iter().map(|vm| vm.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "DC0_C0_RP0_VM0",
+            "DC0_C0_RP0_VM1",
+            "DC0_H0_VM0",
+            "DC0_H0_VM1"
+        ]
+    );
+    for vm in &sim.vms {
+        assert_eq!(
+            vm.path,
+            format!("/DC0/vm/{}", vm.name),
+            "a folder was added"
+        );
+    }
+    sim
+}
+
+/// Lines of the mount log that hold every one of `words`.
+fn log_lines(mount: &Mount, words: &[&str]) -> Vec<String> {
+    mount
+        .log_text()
+        .lines()
+        .filter(|line| words.iter().all(|word| line.contains(word)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// What the provider writes into its snapshots' descriptions.
+fn creator_marker(pid: u32) -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap().trim().to_string();
+    format!(
+        "Taken by vmexportfs for a consistent export of the disks; removed when the export ends. [vmexportfs host={} pid={pid} boot={}]",
+        read("/proc/sys/kernel/hostname"),
+        read("/proc/sys/kernel/random/boot_id")
+    )
+}
+
+#[test]
+fn the_default_inventory_without_folders_mounts_and_lists_its_four_vms() {
+    let sim = default_inventory();
+    let filled = sim.fill_all_disks();
+    let mount = Mount::new(&sim.source("DC0"), &sim.options(""));
+    let mut expected = vec![". 0".to_string()];
+    for (vm, text, image) in &filled {
+        expected.push(format!("./{} 0", vm.name));
+        expected.push(format!("./{}/disk1.vmdk {}", vm.name, text.len()));
+        expected.push(format!("./{}/disk1-flat.vmdk {}", vm.name, image.len()));
+    }
+    expected.sort();
+    let mut listed = listing_with_sizes(&mount);
+    listed.sort();
+    assert_eq!(listed, expected);
+    for (vm, _, image) in &filled {
+        let bytes = std::fs::read(mount.file(&format!("{}/disk1-flat.vmdk", vm.name))).unwrap();
+        assert!(bytes == *image, "{} differs", vm.name);
+    }
+}
+
+#[test]
+fn rsync_of_a_vm_directory_reads_every_file_from_one_snapshot_kept_for_the_linger() {
+    require_tool("rsync");
+    let sim = default_inventory();
+    let filled = sim.fill_all_disks();
+    let api = sim.api();
+    let mount = Mount::new(
+        &sim.source("DC0"),
+        &sim.options("snapshot=on,snapshot_linger=2"),
+    );
+    let vm = "DC0_H0_VM1";
+    let out = tempfile::tempdir().unwrap();
+    sh(&format!(
+        "rsync -a '{}' '{}/'",
+        mount.file(vm).display(),
+        out.path().display()
+    ));
+    // Still there right after the copy: the linger has not run out.
+    assert_eq!(api.snapshots(), export_snapshot(vm));
+    let (_, text, image) = filled.iter().find(|(v, _, _)| v.name == vm).unwrap();
+    assert!(std::fs::read(out.path().join(vm).join("disk1-flat.vmdk")).unwrap() == *image);
+    assert_eq!(
+        std::fs::read_to_string(out.path().join(vm).join("disk1.vmdk")).unwrap(),
+        *text
+    );
+    let taken = log_lines(&mount, &["snapshot taken", vm]);
+    assert_eq!(taken.len(), 1, "one snapshot for the whole VM: {taken:?}");
+
+    let closed = Instant::now();
+    eventually("the snapshot goes after the linger", || {
+        api.snapshots().is_empty()
+    });
+    assert!(
+        closed.elapsed() > Duration::from_millis(500),
+        "removed before the linger ran out"
+    );
+    eventually("the log says so", || {
+        log_lines(&mount, &["snapshot removed", vm]).len() == 1
+    });
+    assert_eq!(log_lines(&mount, &["snapshot taken"]).len(), 1);
+}
+
+#[test]
+fn a_reopen_within_the_linger_keeps_the_snapshot_and_unmount_removes_it_at_once() {
+    let sim = default_inventory();
+    sim.fill_all_disks();
+    let api = sim.api();
+    let mount = Mount::new(
+        &sim.source("DC0"),
+        &sim.options("snapshot=on,snapshot_linger=600"),
+    );
+    let vm = "DC0_C0_RP0_VM0";
+    std::fs::read(mount.file(&format!("{vm}/disk1.vmdk"))).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(api.snapshots(), export_snapshot(vm), "kept after the close");
+    std::fs::read(mount.file(&format!("{vm}/disk1-flat.vmdk"))).unwrap();
+    let taken = log_lines(&mount, &["snapshot taken", vm]);
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    eventually("the re-open is logged", || {
+        !log_lines(&mount, &["same snapshot serves", vm]).is_empty()
+    });
+    // A second VM lingers too; unmount takes both at once.
+    std::fs::read(mount.file("DC0_H0_VM0/disk1.vmdk")).unwrap();
+    let mut both = export_snapshot(vm);
+    both.extend(export_snapshot("DC0_H0_VM0"));
+    both.sort();
+    assert_eq!(api.snapshots(), both);
+    let started = Instant::now();
+    mount.unmount();
+    assert!(!is_mounted(&mount.path));
+    assert_eq!(
+        api.snapshots(),
+        vec![],
+        "lingering snapshots outlived the mount"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(log_lines(&mount, &["snapshot removed"]).len(), 2);
+}
+
+#[test]
+fn snapshots_left_by_a_dead_daemon_are_removed_at_mount_and_no_others() {
+    let sim = default_inventory();
+    sim.fill_all_disks();
+    let api = sim.api();
+
+    // A live mount holding a snapshot of its own.
+    let live = Mount::new(
+        &sim.source("DC0"),
+        &sim.options("snapshot=on,snapshot_linger=600"),
+    );
+    std::fs::read(mount_file(&live, "DC0_C0_RP0_VM1")).unwrap();
+    // A daemon that is gone: a pid that no longer runs.
+    let mut exited = Command::new("true").spawn().unwrap();
+    let dead = exited.id();
+    exited.wait().unwrap();
+    api.create_snapshot("DC0_H0_VM0", "vmexportfs", &creator_marker(dead));
+    // Another host's vmexportfs, and an operator's snapshot.
+    let elsewhere = creator_marker(dead).replace("host=", "host=elsewhere-");
+    api.create_snapshot("DC0_H0_VM1", "vmexportfs", &elsewhere);
+    api.create_snapshot("DC0_C0_RP0_VM0", "nightly", "taken by vmexportfs? no");
+    let before = api.snapshots();
+    assert_eq!(before.len(), 4, "{before:?}");
+
+    let mount = Mount::new(&sim.source("DC0"), &sim.options(""));
+    let mut expected = vec![
+        ("DC0_C0_RP0_VM0".to_string(), "nightly".to_string()),
+        ("DC0_C0_RP0_VM1".to_string(), "vmexportfs".to_string()),
+        ("DC0_H0_VM1".to_string(), "vmexportfs".to_string()),
+    ];
+    expected.sort();
+    assert_eq!(api.snapshots(), expected);
+    let removed = log_lines(&mount, &["left behind", &format!("pid {dead}")]);
+    assert_eq!(removed.len(), 1, "{}", mount.log_text());
+    assert!(removed[0].contains("DC0_H0_VM0"), "{removed:?}");
+    assert_eq!(
+        log_lines(
+            &mount,
+            &["left alone", "is running", &format!("pid {}", live.pid)]
+        )
+        .len(),
+        1,
+        "{}",
+        mount.log_text()
+    );
+    assert_eq!(log_lines(&mount, &["left alone", "elsewhere-"]).len(), 1);
+    // The live mount still reads from its snapshot, and removes it itself.
+    std::fs::read(mount_file(&live, "DC0_C0_RP0_VM1")).unwrap();
+    live.unmount();
+    assert_eq!(api.snapshots().len(), 2);
+}
+
+fn mount_file(mount: &Mount, vm: &str) -> std::path::PathBuf {
+    mount.file(&format!("{vm}/disk1.vmdk"))
 }

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use vim_rs::core::client::{Client, ClientBuilder, TransportMode};
 use vim_rs::core::pc_retrieve::ObjectRetriever;
-use vim_rs::types::structs::VirtualMachineSnapshotTree;
+use vim_rs::core::tasks::TaskTracker;
+use vim_rs::mo::VirtualMachine;
+use vim_rs::types::structs::{ManagedObjectReference, VirtualMachineSnapshotTree};
 use vim_rs::vim_retrievable;
 
 use super::tls::TestCa;
@@ -232,28 +234,64 @@ impl SimApi {
 
     /// (VM name, snapshot name) for every snapshot in the inventory.
     pub fn snapshots(&self) -> Vec<(String, String)> {
-        fn walk(vm: &str, trees: &[VirtualMachineSnapshotTree], out: &mut Vec<(String, String)>) {
+        let mut out: Vec<(String, String)> = self
+            .snapshot_details()
+            .into_iter()
+            .map(|(vm, name, _)| (vm, name))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// (VM name, snapshot name, description) for every snapshot.
+    pub fn snapshot_details(&self) -> Vec<(String, String, String)> {
+        fn walk(
+            vm: &str,
+            trees: &[VirtualMachineSnapshotTree],
+            out: &mut Vec<(String, String, String)>,
+        ) {
             for tree in trees {
-                out.push((vm.to_string(), tree.name.clone()));
+                out.push((vm.to_string(), tree.name.clone(), tree.description.clone()));
                 walk(vm, tree.child_snapshot_list.as_deref().unwrap_or(&[]), out);
             }
         }
-        let client = self.client.clone();
-        let vms: Vec<VmSnapshots> = self.runtime.block_on(async {
-            ObjectRetriever::new(client.clone())
-                .unwrap()
-                .retrieve_objects_from_container(&client.service_content().root_folder)
-                .await
-                .unwrap()
-        });
         let mut out = Vec::new();
-        for vm in vms {
+        for vm in self.vms() {
             if let Some(info) = &vm.snapshot {
                 walk(&vm.name, &info.root_snapshot_list, &mut out);
             }
         }
         out.sort();
         out
+    }
+
+    fn vms(&self) -> Vec<VmSnapshots> {
+        let client = self.client.clone();
+        self.runtime.block_on(async {
+            ObjectRetriever::new(client.clone())
+                .unwrap()
+                .retrieve_objects_from_container(&client.service_content().root_folder)
+                .await
+                .unwrap()
+        })
+    }
+
+    /// Takes a snapshot of the (only) VM called `vm`, as an operator or a
+    /// dead daemon would have.
+    pub fn create_snapshot(&self, vm: &str, name: &str, description: &str) {
+        let found: Vec<VmSnapshots> = self.vms().into_iter().filter(|v| v.name == vm).collect();
+        assert_eq!(found.len(), 1, "one VM named {vm}");
+        let client = self.client.clone();
+        let id = found[0].id.value.clone();
+        self.runtime.block_on(async {
+            let task = VirtualMachine::new(client.clone(), &id)
+                .create_snapshot_task(name, Some(description), false, false)
+                .await
+                .expect("CreateSnapshot_Task");
+            let tasks = TaskTracker::new(client.clone());
+            let _: ManagedObjectReference = tasks.wait(task).await.expect("the snapshot task");
+            tasks.shutdown().await;
+        });
     }
 }
 

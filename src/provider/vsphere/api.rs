@@ -10,15 +10,20 @@ use std::rc::Rc;
 
 use tokio::sync::{mpsc, oneshot};
 use vim_rs::core::client::{Client, ClientBuilder, TransportMode};
-use vim_rs::core::pc_retrieve::ObjectRetriever;
+use vim_rs::core::pc_helpers::BoxableError;
+use vim_rs::core::pc_retrieve::Retrievable;
 use vim_rs::core::tasks::TaskTracker;
-use vim_rs::mo::{SessionManager, VirtualMachine, VirtualMachineSnapshot};
-use vim_rs::types::enums::VirtualMachinePowerStateEnum;
+use vim_rs::mo::{
+    ContainerView, PropertyCollector, SessionManager, ViewManager, VirtualMachine,
+    VirtualMachineSnapshot,
+};
+use vim_rs::types::enums::{MoTypesEnum, VirtualMachinePowerStateEnum};
 use vim_rs::types::struct_enum::StructType;
 use vim_rs::types::structs::{
-    ManagedObjectReference, MethodFault, VirtualDisk, VirtualDiskFlatVer2BackingInfo,
-    VirtualDiskRawDiskMappingVer1BackingInfo, VirtualDiskSeSparseBackingInfo,
-    VirtualDiskSparseVer2BackingInfo,
+    ManagedObjectReference, MethodFault, ObjectContent, ObjectSpec, PropertyFilterSpec,
+    PropertySpec, RetrieveOptions, SelectionSpec, TraversalSpec, VirtualDisk,
+    VirtualDiskFlatVer2BackingInfo, VirtualDiskRawDiskMappingVer1BackingInfo,
+    VirtualDiskSeSparseBackingInfo, VirtualDiskSparseVer2BackingInfo, VirtualMachineSnapshotTree,
 };
 use vim_rs::vim_retrievable;
 
@@ -47,6 +52,22 @@ vim_retrievable!(
         tools = "guest.tools_running_status"?,
     }
 );
+
+vim_retrievable!(
+    struct VmSnapshotsRow: VirtualMachine {
+        name = "name",
+        snapshot = "snapshot"?,
+    }
+);
+
+/// One snapshot of a VM, as the inventory has it.
+pub struct SnapshotInfo {
+    pub vm_name: String,
+    /// The snapshot's managed object id.
+    pub id: String,
+    pub name: String,
+    pub description: String,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackingKind {
@@ -109,6 +130,7 @@ enum Call {
         snapshot: String,
         reply: Reply<()>,
     },
+    Snapshots(Reply<Vec<SnapshotInfo>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -176,6 +198,11 @@ impl Api {
             reply,
         })
         .await
+    }
+
+    /// Every snapshot of every VM under the datacenter's VM folder.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, ProviderError> {
+        self.call(Call::Snapshots).await
     }
 
     /// Logs out; later calls fail.
@@ -254,11 +281,13 @@ impl Worker {
             .await
             .map_err(|err| login_error(&host, &user, err))?;
         let found = async {
-            let datacenters: Vec<DatacenterRow> = ObjectRetriever::new(client.clone())
-                .map_err(|err| task_error(&host, "reading the inventory", err))?
-                .retrieve_objects_from_container(&client.service_content().root_folder)
-                .await
-                .map_err(|err| task_error(&host, "listing datacenters", err))?;
+            let datacenters: Vec<DatacenterRow> = retrieve(
+                &client,
+                &host,
+                "listing datacenters",
+                &client.service_content().root_folder,
+            )
+            .await?;
             match datacenters.iter().find(|dc| dc.name == datacenter) {
                 Some(dc) => Ok(dc.vm_folder.clone()),
                 None => {
@@ -316,6 +345,9 @@ impl Worker {
             Call::RemoveSnapshot { snapshot, reply } => {
                 let _ = reply.send(self.remove_snapshot(&snapshot).await);
             }
+            Call::Snapshots(reply) => {
+                let _ = reply.send(self.snapshots().await);
+            }
             Call::Close(done) => {
                 self.close().await;
                 let _ = done.send(());
@@ -351,16 +383,9 @@ impl Worker {
 
     async fn inventory(&self) -> Result<(Vec<FolderInfo>, Vec<VmInfo>), ProviderError> {
         let host = &self.host;
-        let retriever = ObjectRetriever::new(self.client.clone())
-            .map_err(|err| task_error(host, "reading the inventory", err))?;
-        let folders: Vec<FolderRow> = retriever
-            .retrieve_objects_from_container(&self.vm_folder)
-            .await
-            .map_err(|err| task_error(host, "listing VM folders", err))?;
-        let vms: Vec<VmRow> = retriever
-            .retrieve_objects_from_container(&self.vm_folder)
-            .await
-            .map_err(|err| task_error(host, "listing VMs", err))?;
+        let folders: Vec<FolderRow> =
+            retrieve(&self.client, host, "listing VM folders", &self.vm_folder).await?;
+        let vms: Vec<VmRow> = retrieve(&self.client, host, "listing VMs", &self.vm_folder).await?;
         let folders = folders
             .into_iter()
             .map(|folder| FolderInfo {
@@ -431,12 +456,149 @@ impl Worker {
             .map_err(|err| task_error(&self.host, what, err))
     }
 
+    async fn snapshots(&self) -> Result<Vec<SnapshotInfo>, ProviderError> {
+        fn walk(vm: &str, trees: &[VirtualMachineSnapshotTree], out: &mut Vec<SnapshotInfo>) {
+            for tree in trees {
+                out.push(SnapshotInfo {
+                    vm_name: vm.to_string(),
+                    id: tree.snapshot.value.clone(),
+                    name: tree.name.clone(),
+                    description: tree.description.clone(),
+                });
+                walk(vm, tree.child_snapshot_list.as_deref().unwrap_or(&[]), out);
+            }
+        }
+        let vms: Vec<VmSnapshotsRow> = retrieve(
+            &self.client,
+            &self.host,
+            "listing VM snapshots",
+            &self.vm_folder,
+        )
+        .await?;
+        let mut out = Vec::new();
+        for vm in vms {
+            if let Some(info) = &vm.snapshot {
+                walk(&vm.name, &info.root_snapshot_list, &mut out);
+            }
+        }
+        Ok(out)
+    }
+
     async fn close(&self) {
         self.tasks.shutdown().await;
         if let Err(err) = self.client.close().await {
             tracing::debug!(host = %self.host, "logout: {}", describe_error(&err));
         }
     }
+}
+
+/// Every object of type `T` under `container` (recursively), through a
+/// container view that is destroyed afterwards.
+///
+/// vim_rs's own retriever fails on a container that holds no such object:
+/// the simulator then answers `<returnval></returnval>`, which does not read
+/// as a RetrieveResult (its `objects` is required), while vCenter leaves
+/// `returnval` out. So the view itself is asked for too (with no
+/// properties): every answer holds at least one object, nothing is
+/// legitimately empty, and a reply that still does not parse stays an error.
+async fn retrieve<T>(
+    client: &std::sync::Arc<Client>,
+    host: &str,
+    what: &str,
+    container: &ManagedObjectReference,
+) -> Result<Vec<T>, ProviderError>
+where
+    T: Retrievable,
+    <T as TryFrom<ObjectContent>>::Error: BoxableError,
+{
+    let content = client.service_content();
+    let view_manager = content
+        .view_manager
+        .as_ref()
+        .ok_or_else(|| ProviderError::Protocol(format!("{host}: {what}: no ViewManager")))?;
+    let view = ViewManager::new(client.clone(), &view_manager.value)
+        .create_container_view(container, Some(&[T::prop_spec().r#type]), true)
+        .await
+        .map_err(|err| api_error(host, what, err))?;
+    let objects = retrieve_from_view::<T>(client, host, what, &view).await;
+    if let Err(err) = ContainerView::new(client.clone(), &view.value)
+        .destroy_view()
+        .await
+    {
+        tracing::debug!(host = %host, view = %view.value, "destroying a container view: {}", describe_error(&err));
+    }
+    objects
+}
+
+async fn retrieve_from_view<T>(
+    client: &std::sync::Arc<Client>,
+    host: &str,
+    what: &str,
+    view: &ManagedObjectReference,
+) -> Result<Vec<T>, ProviderError>
+where
+    T: Retrievable,
+    <T as TryFrom<ObjectContent>>::Error: BoxableError,
+{
+    const VIEW_TYPE: &str = "ContainerView";
+    let spec_set = vec![PropertyFilterSpec {
+        object_set: vec![ObjectSpec {
+            obj: view.clone(),
+            // The view itself is in the answer: see `retrieve`.
+            skip: Some(false),
+            select_set: Some(vec![Box::new(TraversalSpec {
+                selection_spec_: SelectionSpec {
+                    name: Some("traverseEntities".to_string()),
+                },
+                r#type: VIEW_TYPE.to_string(),
+                path: "view".to_string(),
+                skip: Some(false),
+                select_set: None,
+            })]),
+        }],
+        prop_set: vec![
+            T::prop_spec(),
+            PropertySpec {
+                r#type: VIEW_TYPE.to_string(),
+                all: Some(false),
+                path_set: None,
+            },
+        ],
+        report_missing_objects_in_results: Some(true),
+    }];
+    let options = RetrieveOptions {
+        max_objects: Some(100),
+    };
+    let collector = PropertyCollector::new(
+        client.clone(),
+        &client.service_content().property_collector.value,
+    );
+    let mut page = collector
+        .retrieve_properties_ex(&spec_set, &options)
+        .await
+        .map_err(|err| api_error(host, what, err))?;
+    let mut found = Vec::new();
+    while let Some(result) = page {
+        for object in result.objects {
+            if object.obj.r#type == MoTypesEnum::ContainerView && object.obj.value == view.value {
+                continue;
+            }
+            let id = object.obj.value.clone();
+            found.push(T::try_from(object).map_err(|err| {
+                ProviderError::Protocol(format!("{host}: {what}: object {id}: {err}"))
+            })?);
+        }
+        page = match result.token {
+            Some(token) => Some(
+                collector
+                    .continue_retrieve_properties_ex(&token)
+                    .await
+                    .map_err(|err| api_error(host, what, err))?,
+            ),
+            None => None,
+        };
+    }
+    Ok(found)
 }
 
 /// The backing chain of a virtual disk, or why it is not exported.

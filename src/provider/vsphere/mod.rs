@@ -13,8 +13,15 @@
 //! the request that noticed is then repeated, so no read fails for it.
 //!
 //! With `snapshot=on` the first open of a VM's disk takes a VM snapshot, so
-//! the files listed at mount stop changing; the last close removes it, and
-//! so does the end of the mount.
+//! the files listed at mount stop changing. It is kept while any file of the
+//! VM is open and for `snapshot_linger` after the last close, so a `cp -r`
+//! of the VM directory (one file at a time) reads every file from the same
+//! snapshot; then it is removed, and at the end of the mount at once.
+//!
+//! Each snapshot's description names the host, boot and process that took
+//! it. At start the provider removes the snapshots that a vmexportfs on this
+//! host left behind when it died (killed, OOM, power loss), and leaves alone
+//! those of live processes and of other hosts.
 
 mod api;
 
@@ -32,7 +39,7 @@ use url::Url;
 
 use self::api::{Api, BackingKind, BackingLink, DiskBacking, Login, SNAPSHOT_NAME};
 use super::http::{check_status, content_length, ranged_get, transport_error, HttpProvider};
-use super::{read_secret_file, DiskEntry, Inventory, Provider, ProviderError, Version};
+use super::{read_secret_file, DiskEntry, Inventory, Pinned, Provider, ProviderError};
 use crate::options::MountOptions;
 
 /// Where the password comes from when no credentials file is given.
@@ -57,11 +64,14 @@ struct VmMeta {
     warned: AtomicBool,
 }
 
-/// The snapshot held for one VM while any of its disks is open.
+/// The snapshot held for one VM while any of its disks is open, and for
+/// the linger after the last close.
 #[derive(Default)]
 struct VmExport {
     handles: usize,
     snapshot: Option<String>,
+    /// The removal waiting out the linger; a re-open cancels it.
+    pending: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// One logged-in API session, renewed when the server drops it.
@@ -123,6 +133,7 @@ pub struct VsphereProvider {
     /// Datastore GETs: the mount's stall timeout applies.
     data: reqwest::Client,
     snapshot: bool,
+    snapshot_linger: Duration,
     vms: Mutex<HashMap<String, Arc<VmMeta>>>,
     exports: Mutex<HashMap<String, Arc<tokio::sync::Mutex<VmExport>>>>,
     keepalive: tokio::task::JoinHandle<()>,
@@ -243,16 +254,70 @@ impl VsphereProvider {
         let base = Url::parse(&format!("https://{host}/folder/"))
             .map_err(|err| ProviderError::Config(format!("vsphere://{host}: {err}")))?;
         let keepalive = tokio::spawn(keep_alive(Arc::downgrade(&session), keepalive_period()));
-        Ok(VsphereProvider {
+        let provider = VsphereProvider {
             session,
             datacenter: parsed.datacenter,
             base,
             data,
             snapshot: options.snapshot,
+            snapshot_linger: options.snapshot_linger,
             vms: Mutex::new(HashMap::new()),
             exports: Mutex::new(HashMap::new()),
             keepalive,
-        })
+        };
+        // Before the first listing: removing a snapshot consolidates its
+        // delta, which changes the VM's backing files.
+        provider.remove_leftover_snapshots().await;
+        Ok(provider)
+    }
+
+    /// Removes the snapshots a dead vmexportfs on this host left behind.
+    async fn remove_leftover_snapshots(&self) {
+        let snapshots = match self
+            .session
+            .with_renewal(|| self.session.api.snapshots())
+            .await
+        {
+            Ok(snapshots) => snapshots,
+            Err(err) => {
+                tracing::warn!(host = %self.host(), "looking for snapshots left by an earlier vmexportfs: {err}");
+                return;
+            }
+        };
+        let here = Creator::this_process();
+        for snap in snapshots {
+            if snap.name != SNAPSHOT_NAME {
+                continue;
+            }
+            let (vm, snapshot) = (&snap.vm_name, &snap.id);
+            match leftover_verdict(&snap.description, &here, process_is_vmexportfs) {
+                Verdict::NotOurs => {}
+                Verdict::Legacy => tracing::warn!(
+                    %vm, %snapshot,
+                    "snapshot '{SNAPSHOT_NAME}' names no host (an older vmexportfs took it): left alone; remove it by hand if no export is running"
+                ),
+                Verdict::OtherHost(host) => tracing::info!(
+                    %vm, %snapshot,
+                    "snapshot '{SNAPSHOT_NAME}' belongs to vmexportfs on host {host}: left alone"
+                ),
+                Verdict::Live(pid) => tracing::info!(
+                    %vm, %snapshot,
+                    "snapshot '{SNAPSHOT_NAME}' belongs to vmexportfs pid {pid}, which is running: left alone"
+                ),
+                Verdict::Leftover(pid) => {
+                    match remove_export_snapshot(&self.session, vm, snapshot).await {
+                        Ok(()) => tracing::info!(
+                            %vm, %snapshot,
+                            "removed the snapshot left behind by vmexportfs pid {pid}, which is no longer running"
+                        ),
+                        Err(err) => tracing::warn!(
+                            %vm, %snapshot,
+                            "cannot remove the snapshot left behind by vmexportfs pid {pid}: {err}"
+                        ),
+                    }
+                }
+            }
+        }
     }
 
     fn host(&self) -> &str {
@@ -406,10 +471,7 @@ impl VsphereProvider {
     }
 
     async fn create_snapshot(&self, vm_id: &str, meta: &VmMeta) -> Result<String, ProviderError> {
-        let description = format!(
-            "Taken by vmexportfs (pid {}) for a consistent export of the disks; removed when the export ends.",
-            std::process::id()
-        );
+        let description = Creator::this_process().description();
         let quiesce = meta.powered_on && meta.tools_running;
         let description = &description;
         let attempt = |quiesce: bool| {
@@ -427,14 +489,131 @@ impl VsphereProvider {
             other => other,
         }
     }
+}
 
-    async fn remove_snapshot(&self, vm_name: &str, snapshot: &str) -> Result<(), ProviderError> {
-        self.session
-            .with_renewal(|| self.session.api.remove_snapshot(snapshot))
-            .await?;
-        tracing::info!(vm = %vm_name, %snapshot, "snapshot removed");
-        Ok(())
+/// Removes one of the mount's snapshots, and says so.
+async fn remove_export_snapshot(
+    session: &Session,
+    vm_name: &str,
+    snapshot: &str,
+) -> Result<(), ProviderError> {
+    session
+        .with_renewal(|| session.api.remove_snapshot(snapshot))
+        .await?;
+    tracing::info!(vm = %vm_name, %snapshot, "snapshot removed");
+    Ok(())
+}
+
+/// Who took a snapshot: written into its description, read back at the
+/// next start to tell a dead daemon's leftovers from a live one's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Creator {
+    host: String,
+    pid: u32,
+    /// /proc/sys/kernel/random/boot_id: a snapshot from an earlier boot
+    /// outlived its process, whatever its pid is now.
+    boot: String,
+}
+
+const MARKER: &str = "[vmexportfs ";
+
+impl Creator {
+    fn this_process() -> Creator {
+        let read = |path: &str| {
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|text| text.trim().to_string())
+                .filter(|text| !text.is_empty() && !text.contains(char::is_whitespace))
+                .unwrap_or_else(|| "unknown".to_string())
+        };
+        Creator {
+            host: read("/proc/sys/kernel/hostname"),
+            pid: std::process::id(),
+            boot: read("/proc/sys/kernel/random/boot_id"),
+        }
     }
+
+    fn description(&self) -> String {
+        format!(
+            "Taken by vmexportfs for a consistent export of the disks; removed when the export ends. {MARKER}host={} pid={} boot={}]",
+            self.host, self.pid, self.boot
+        )
+    }
+
+    fn parse(description: &str) -> Option<Creator> {
+        let start = description.rfind(MARKER)?;
+        let inner = description[start + MARKER.len()..].strip_suffix(']')?;
+        let (mut host, mut pid, mut boot) = (None, None, None);
+        for field in inner.split(' ') {
+            match field.split_once('=')? {
+                ("host", value) => host = Some(value.to_string()),
+                ("pid", value) => pid = Some(value.parse().ok()?),
+                ("boot", value) => boot = Some(value.to_string()),
+                _ => return None,
+            }
+        }
+        Some(Creator {
+            host: host?,
+            pid: pid?,
+            boot: boot?,
+        })
+    }
+}
+
+/// What to do with a snapshot named [`SNAPSHOT_NAME`] found at start.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// The name only: someone else's snapshot.
+    NotOurs,
+    /// Written by a vmexportfs that did not record its host.
+    Legacy,
+    OtherHost(String),
+    Live(u32),
+    Leftover(u32),
+}
+
+fn leftover_verdict(description: &str, here: &Creator, alive: impl Fn(u32) -> bool) -> Verdict {
+    let Some(creator) = Creator::parse(description) else {
+        return if description.starts_with("Taken by vmexportfs") {
+            Verdict::Legacy
+        } else {
+            Verdict::NotOurs
+        };
+    };
+    if creator.host != here.host || creator.host == "unknown" {
+        return Verdict::OtherHost(creator.host);
+    }
+    let boots_known = creator.boot != "unknown" && here.boot != "unknown";
+    if boots_known && creator.boot != here.boot {
+        // The host rebooted since: its process is gone.
+        return Verdict::Leftover(creator.pid);
+    }
+    if creator.pid == here.pid && boots_known {
+        // This process has taken no snapshot yet: an earlier process of
+        // this boot had the same pid.
+        return Verdict::Leftover(creator.pid);
+    }
+    if alive(creator.pid) {
+        Verdict::Live(creator.pid)
+    } else {
+        Verdict::Leftover(creator.pid)
+    }
+}
+
+/// Whether `pid` is a running vmexportfs. When unsure, yes: a snapshot left
+/// alone costs disk space, a snapshot removed under a live export costs the
+/// export its consistency.
+fn process_is_vmexportfs(pid: u32) -> bool {
+    let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+        // Gone, or /proc cannot tell: only a missing process is dead.
+        return std::fs::metadata(format!("/proc/{pid}")).is_ok()
+            || std::fs::metadata("/proc/self").is_err();
+    };
+    let argv0 = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .ok()
+        .and_then(|line| line.split(|&b| b == 0).next().map(<[u8]>::to_vec))
+        .unwrap_or_default();
+    comm.contains("vmexportfs") || String::from_utf8_lossy(&argv0).contains("vmexportfs")
 }
 
 impl Drop for VsphereProvider {
@@ -622,26 +801,30 @@ impl Provider for VsphereProvider {
         Ok(inventory)
     }
 
-    async fn stat(&self, disk: &DiskEntry) -> Result<(u64, Version), ProviderError> {
+    async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError> {
         let url = url_of(disk);
         let headers = self.head(url).await?;
         let size = content_length(&headers).unwrap_or(disk.size);
-        Ok((size, HttpProvider::version_from(&headers, size)))
+        Ok(Pinned::new(
+            size,
+            HttpProvider::version_from(&headers, size),
+        ))
     }
 
     async fn read(
         &self,
         disk: &DiskEntry,
-        version: &Version,
+        pinned: &Pinned,
         offset: u64,
         len: usize,
     ) -> Result<Bytes, ProviderError> {
+        let version = &pinned.version;
         if len == 0 {
             return Ok(Bytes::new());
         }
         let url = url_of(disk);
         self.session
-            .with_renewal(|| ranged_get(&self.data, url, disk.size, version, offset, len))
+            .with_renewal(|| ranged_get(&self.data, url, pinned.size, version, offset, len))
             .await
     }
 
@@ -661,6 +844,12 @@ impl Provider for VsphereProvider {
         }
         let export = self.export_of(vm_id);
         let mut export = export.lock().await;
+        if let Some(pending) = export.pending.take() {
+            pending.abort();
+            if let Some(snapshot) = &export.snapshot {
+                tracing::info!(vm = %meta.name, %snapshot, "reopened within snapshot_linger: the same snapshot serves");
+            }
+        }
         if export.snapshot.is_none() {
             let snapshot = self
                 .create_snapshot(vm_id, &meta)
@@ -684,22 +873,42 @@ impl Provider for VsphereProvider {
         let name = self
             .meta(vm_id)
             .map_or_else(|| vm_id.to_string(), |m| m.name.clone());
-        let export = self.export_of(vm_id);
-        let mut export = export.lock().await;
+        let shared = self.export_of(vm_id);
+        let mut export = shared.lock().await;
         export.handles = export.handles.saturating_sub(1);
         tracing::debug!(vm = %name, open = export.handles, "disk closed");
         if export.handles > 0 {
             return;
         }
-        if let Some(snapshot) = export.snapshot.clone() {
-            match self.remove_snapshot(&name, &snapshot).await {
-                Ok(()) => export.snapshot = None,
-                // Kept, to be tried again at unmount.
-                Err(err) => {
-                    tracing::error!(vm = %name, %snapshot, "removing the export snapshot: {err}")
-                }
-            }
+        let Some(snapshot) = export.snapshot.clone() else {
+            return;
+        };
+        if let Some(pending) = export.pending.take() {
+            pending.abort();
         }
+        if self.snapshot_linger.is_zero() {
+            expire_snapshot(&self.session, &name, &snapshot, &mut export).await;
+            return;
+        }
+        tracing::info!(
+            vm = %name,
+            %snapshot,
+            "last file of the VM closed: the snapshot stays {:?} (snapshot_linger) for the next file",
+            self.snapshot_linger
+        );
+        let (session, export_of_vm, linger) =
+            (self.session.clone(), shared.clone(), self.snapshot_linger);
+        export.pending = Some(tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            let mut export = export_of_vm.lock().await;
+            // A re-open aborts this task while holding the lock, so the
+            // checks only guard against a missed abort.
+            if export.handles > 0 || export.snapshot.as_deref() != Some(snapshot.as_str()) {
+                return;
+            }
+            export.pending = None;
+            expire_snapshot(&session, &name, &snapshot, &mut export).await;
+        }));
     }
 
     async fn close(&self) {
@@ -713,9 +922,12 @@ impl Provider for VsphereProvider {
             .collect();
         for (vm_id, export) in exports {
             let mut export = export.lock().await;
+            if let Some(pending) = export.pending.take() {
+                pending.abort();
+            }
             if let Some(snapshot) = export.snapshot.clone() {
                 let name = self.meta(&vm_id).map_or(vm_id.clone(), |m| m.name.clone());
-                match self.remove_snapshot(&name, &snapshot).await {
+                match remove_export_snapshot(&self.session, &name, &snapshot).await {
                     Ok(()) => export.snapshot = None,
                     Err(err) => tracing::error!(
                         vm = %name,
@@ -728,6 +940,15 @@ impl Provider for VsphereProvider {
         }
         self.keepalive.abort();
         self.session.api.close().await;
+    }
+}
+
+/// Removes a VM's snapshot once no file of it is open; a failure keeps it,
+/// to be tried again at unmount.
+async fn expire_snapshot(session: &Session, name: &str, snapshot: &str, export: &mut VmExport) {
+    match remove_export_snapshot(session, name, snapshot).await {
+        Ok(()) => export.snapshot = None,
+        Err(err) => tracing::error!(vm = %name, %snapshot, "removing the export snapshot: {err}"),
     }
 }
 
@@ -838,12 +1059,81 @@ mod tests {
     }
 
     #[test]
+    fn only_a_dead_local_daemons_snapshots_are_leftovers() {
+        let here = Creator {
+            host: "backup-01".into(),
+            pid: 4242,
+            boot: "b0".into(),
+        };
+        let taken_by = |host: &str, pid: u32, boot: &str| {
+            Creator {
+                host: host.into(),
+                pid,
+                boot: boot.into(),
+            }
+            .description()
+        };
+        let alive = |pid: u32| pid == 77;
+        let verdict = |description: &str| leftover_verdict(description, &here, alive);
+        assert_eq!(
+            Creator::parse(&taken_by("backup-01", 77, "b0")),
+            Some(Creator {
+                host: "backup-01".into(),
+                pid: 77,
+                boot: "b0".into()
+            })
+        );
+        assert_eq!(
+            verdict(&taken_by("backup-01", 99, "b0")),
+            Verdict::Leftover(99)
+        );
+        assert_eq!(verdict(&taken_by("backup-01", 77, "b0")), Verdict::Live(77));
+        // Rebooted since: pid 77 now is someone else.
+        assert_eq!(
+            verdict(&taken_by("backup-01", 77, "old")),
+            Verdict::Leftover(77)
+        );
+        // This process has taken nothing yet.
+        assert_eq!(
+            verdict(&taken_by("backup-01", 4242, "b0")),
+            Verdict::Leftover(4242)
+        );
+        assert_eq!(
+            verdict(&taken_by("backup-02", 99, "b0")),
+            Verdict::OtherHost("backup-02".into())
+        );
+        // Unknown boot ids: only the pid tells.
+        assert_eq!(
+            verdict(&taken_by("backup-01", 77, "unknown")),
+            Verdict::Live(77)
+        );
+        assert_eq!(
+            verdict(&taken_by("backup-01", 99, "unknown")),
+            Verdict::Leftover(99)
+        );
+        assert_eq!(
+            verdict("Taken by vmexportfs (pid 12) for a consistent export of the disks; removed when the export ends."),
+            Verdict::Legacy
+        );
+        for foreign in [
+            "",
+            "nightly backup",
+            "copied: [vmexportfs host=backup-01 pid=99 boot=b0] and more",
+            "[vmexportfs host=backup-01 pid=x boot=b0]",
+            "[vmexportfs host=backup-01 pid=99]",
+            "[vmexportfs host=backup-01 pid=99 boot=b0 extra=1]",
+        ] {
+            assert_eq!(verdict(foreign), Verdict::NotOurs, "{foreign:?}");
+        }
+    }
+
+    #[test]
     fn locators() {
         let disk = DiskEntry {
             path: vec!["vm".into(), "d.vmdk".into()],
             size: 1,
             mtime: SystemTime::UNIX_EPOCH,
-            version: Version("size:1".into()),
+            version: crate::provider::Version("size:1".into()),
             locator: "vm-42 https://vc/folder/a%20b/d.vmdk?dcPath=DC&dsName=ds".into(),
             allocated: None,
         };
