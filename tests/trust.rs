@@ -545,3 +545,50 @@ fn hostile_options_and_sources_are_one_line_each_and_nothing_mounts() {
     assert!(checked >= 45, "{checked} hostile inputs");
     eprintln!("{checked} hostile options and sources refused, one line each");
 }
+
+#[test]
+fn a_disk_that_can_only_be_pinned_weakly_says_so_in_the_log_and_in_status() {
+    // nginx without ETags: only Last-Modified can pin the disk.
+    let www = tempfile::tempdir().unwrap();
+    write_random_file(&www.path().join("disk.raw"), 2 * MIB, 5);
+    std::fs::write(
+        www.path().join("manifest.json"),
+        r#"{"vms": [{"name": "vm", "disks": [{"name": "disk.raw", "url": "disk.raw"}]}]}"#,
+    )
+    .unwrap();
+    let conf = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let d = conf.path().display();
+    let config = format!(
+        "daemon off; master_process off; user root; worker_processes 1;\n\
+         pid {d}/nginx.pid; error_log {d}/error.log;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{ access_log off; etag off;\n\
+           client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f;\n\
+           uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+           server {{ listen 127.0.0.1:{port}; root {}; }} }}\n",
+        www.path().display()
+    );
+    let mut nginx = spawn_nginx(conf.path(), &config, port);
+    let mount = Mount::new(&format!("http://127.0.0.1:{port}/manifest.json"), "");
+    for _ in 0..3 {
+        std::fs::read(mount.file("vm/disk.raw")).unwrap();
+    }
+    let held = std::fs::File::open(mount.file("vm/disk.raw")).unwrap();
+    let status = Command::new(bin())
+        .args(["status", mount.path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_succeeded(&status);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("weak pin: pinned by Last-Modified only"),
+        "{text}"
+    );
+    drop(held);
+    let log = mount.log_text();
+    assert_eq!(log.matches("weak pin").count(), 1, "once per disk:\n{log}");
+    drop(mount);
+    let _ = nginx.kill();
+    let _ = nginx.wait();
+}

@@ -361,6 +361,7 @@ impl Controller {
                     rate,
                     eta_seconds: (rate > 0.0).then(|| left as f64 / rate),
                     weight: reader.weight(),
+                    weak_pin: reader.pin_weakness().map(str::to_string),
                 }
             })
             .collect();

@@ -78,6 +78,9 @@ pub struct FileStatus {
     pub rate: f64,
     pub eta_seconds: Option<f64>,
     pub weight: u32,
+    /// Why the file's pinned version is weak; absent for a strong pin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weak_pin: Option<String>,
 }
 
 /// Samples of a growing byte count, a second apart, for a rate over the
@@ -250,6 +253,9 @@ impl Status {
                 },
                 progress_line(file)
             );
+            if let Some(weakness) = &file.weak_pin {
+                let _ = writeln!(out, "    weak pin: {weakness}");
+            }
         }
         out
     }

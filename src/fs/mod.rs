@@ -8,10 +8,10 @@
 pub mod names;
 pub mod tree;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use crate::error::FsError;
@@ -102,6 +102,8 @@ pub struct FsCore {
     read_path: Arc<ReadPath>,
     handles: RwLock<HashMap<u64, Arc<FileReader>>>,
     next_handle: AtomicU64,
+    /// Disks whose weak pin was already logged.
+    weakly_pinned: Mutex<HashSet<u64>>,
     owner: Ownership,
 }
 
@@ -123,6 +125,7 @@ impl FsCore {
             read_path,
             handles: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            weakly_pinned: Mutex::new(HashSet::new()),
             owner,
         })
     }
@@ -258,6 +261,17 @@ impl FsCore {
                 });
             }
         };
+        if let Some(weakness) = pinned.version.weakness() {
+            // Once per disk: a backup agent opens a file many times.
+            let first = self
+                .weakly_pinned
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(ino);
+            if first {
+                tracing::warn!(%path, "weak pin: {weakness}");
+            }
+        }
         let current_size = pinned.size;
         let listed = size.swap(current_size, Ordering::Relaxed);
         if listed != current_size {

@@ -218,6 +218,11 @@ impl FileReader {
         self.served.load(Ordering::Relaxed)
     }
 
+    /// Why its pinned version is weak, if it is.
+    pub fn pin_weakness(&self) -> Option<&'static str> {
+        self.pinned.version.weakness()
+    }
+
     /// Its weight in the throttle's fair queue.
     pub fn weight(&self) -> u32 {
         self.flow.weight()
