@@ -81,13 +81,15 @@ impl ReadPath {
             }
             result
         });
-        let path = reader.path.clone();
+        // The reader, not a copy of its path: no allocation per fetch for
+        // a log line that a panic alone needs.
+        let reader = Arc::clone(reader);
         let whole = async move {
             match task.await {
                 Ok(result) => result,
                 Err(err) if err.is_panic() => {
                     // The panic hook has logged where; say which read.
-                    tracing::error!(%path, first, count, "a fetch panicked: its reads fail with EIO");
+                    tracing::error!(path = %reader.path, first, count, "a fetch panicked: its reads fail with EIO");
                     Err(FetchError::Failed(Arc::new(ProviderError::Internal(
                         "the fetch panicked (see the log)".into(),
                     ))))
