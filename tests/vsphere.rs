@@ -244,6 +244,24 @@ fn snapshots_go_when_the_reader_is_killed_and_when_the_mount_is_stopped() {
     // its snapshot with it.
     let held = std::fs::File::open(mount.file("team-b/DC0_H0_VM0/disk1-flat.vmdk")).unwrap();
     assert_eq!(api.snapshots(), export_snapshot("DC0_H0_VM0"));
+    // status names the snapshot the open disk is read from, and the pin is
+    // strong however weak the datastore's own validators are.
+    let status = Command::new(bin())
+        .args(["status", mount.path.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert_succeeded(&status);
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let file = &json["files"][0];
+    assert!(
+        file["snapshot"].as_str().is_some_and(|id| !id.is_empty()),
+        "{json}"
+    );
+    assert!(
+        file["pinned"].as_str().unwrap().starts_with("snapshot "),
+        "{json}"
+    );
+    assert!(file.get("weak_pin").is_none(), "{json}");
     unsafe {
         libc::kill(mount.pid as i32, libc::SIGTERM);
     }

@@ -22,6 +22,7 @@ use chrono::NaiveDateTime;
 
 use crate::fs::FsCore;
 use crate::options::MountOptions;
+use crate::provider::Version;
 use crate::throttle::fleet::Fleet;
 use crate::throttle::schedule::{local_now, until_local};
 use crate::throttle::{Limit, LimitError, Throttle};
@@ -361,7 +362,12 @@ impl Controller {
                     rate,
                     eta_seconds: (rate > 0.0).then(|| left as f64 / rate),
                     weight: reader.weight(),
-                    weak_pin: reader.pin_weakness().map(str::to_string),
+                    pinned: reader.pinned_version().to_string(),
+                    snapshot: match reader.pinned_version() {
+                        Version::Snapshot { id, .. } => Some(id.clone()),
+                        _ => None,
+                    },
+                    weak_pin: reader.pinned_version().weakness().map(str::to_string),
                 }
             })
             .collect();

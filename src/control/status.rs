@@ -78,6 +78,13 @@ pub struct FileStatus {
     pub rate: f64,
     pub eta_seconds: Option<f64>,
     pub weight: u32,
+    /// The version the file is pinned to (an ETag, a generation, a
+    /// snapshot, a file identity, a Last-Modified date or a size).
+    #[serde(default)]
+    pub pinned: String,
+    /// The provider snapshot the file is read from (vSphere snapshot=on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
     /// Why the file's pinned version is weak; absent for a strong pin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub weak_pin: Option<String>,
@@ -253,6 +260,9 @@ impl Status {
                 },
                 progress_line(file)
             );
+            if let Some(snapshot) = &file.snapshot {
+                let _ = writeln!(out, "    read from snapshot {snapshot}");
+            }
             if let Some(weakness) = &file.weak_pin {
                 let _ = writeln!(out, "    weak pin: {weakness}");
             }

@@ -206,7 +206,7 @@ mod tests {
             path: path.iter().map(|s| s.to_string()).collect(),
             size,
             mtime: SystemTime::UNIX_EPOCH,
-            version: Version("v".into()),
+            version: Version::Immutable,
             locator: path.join("/"),
             allocated: None,
         }

@@ -33,8 +33,6 @@ use super::{http::build_client, normalize_prefix, place_key, read_secret_file, r
 use super::{DiskEntry, Inventory, Pinned, Provider, ProviderError, Version};
 use crate::options::MountOptions;
 
-const PAGE_PREFIX: &str = "page:";
-const BLOCK_PREFIX: &str = "block:";
 /// Page ranges are asked for in segments of this size, as Azure advises for
 /// large page blobs (one request over a fragmented multi-TiB blob can time
 /// out); a few segments are in flight at once.
@@ -231,7 +229,7 @@ impl AzureProvider {
         map_error(what, err, pinned, self.sas.as_deref())
     }
 
-    async fn properties(&self, name: &str) -> Result<(u64, Version, SystemTime), ProviderError> {
+    async fn properties(&self, name: &str) -> Result<Properties, ProviderError> {
         let what = format!("getting the properties of {}/{name}", self.display);
         let response = self
             .blob(name)
@@ -247,7 +245,12 @@ impl AzureProvider {
             .map_err(bad)?
             .map(SystemTime::from)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        Ok((size, version_of(kind.as_ref(), etag.as_deref()), mtime))
+        Ok(Properties {
+            size,
+            version: Version::from_etag(etag.as_deref()).unwrap_or(Version::Unpinned),
+            mtime,
+            page_blob: is_page_blob(kind.as_ref()),
+        })
     }
 
     /// Written ranges of a page blob, merged, within `[0, size)`.
@@ -257,7 +260,7 @@ impl AzureProvider {
         size: u64,
         version: &Version,
     ) -> Result<Vec<Range<u64>>, ProviderError> {
-        let etag = etag_of(version);
+        let etag = version.etag();
         let segments = (0..size.div_ceil(PAGE_RANGE_SEGMENT)).map(|i| {
             let start = i * PAGE_RANGE_SEGMENT;
             start..(start + PAGE_RANGE_SEGMENT).min(size)
@@ -315,20 +318,21 @@ impl AzureProvider {
     }
 }
 
-fn version_of(kind: Option<&BlobType>, etag: Option<&str>) -> Version {
-    let prefix = match kind {
-        Some(BlobType::PageBlob) => PAGE_PREFIX,
-        _ => BLOCK_PREFIX,
-    };
-    Version(format!("{prefix}{}", etag.unwrap_or("")))
+/// A blob's properties at listing or open.
+struct Properties {
+    size: u64,
+    version: Version,
+    mtime: SystemTime,
+    /// Page blobs (VHDs) are sparse: their written ranges are listed.
+    page_blob: bool,
 }
 
-fn etag_of(version: &Version) -> Option<&str> {
-    version
-        .0
-        .strip_prefix(PAGE_PREFIX)
-        .or_else(|| version.0.strip_prefix(BLOCK_PREFIX))
-        .filter(|etag| !etag.is_empty())
+/// What an open blob keeps beside its version: its type, which can not
+/// change without a new ETag.
+struct PageBlob;
+
+fn is_page_blob(kind: Option<&BlobType>) -> bool {
+    matches!(kind, Some(BlobType::PageBlob))
 }
 
 /// Sorts and merges touching or overlapping ranges (Azurite does not merge
@@ -435,7 +439,7 @@ fn map_error(
             let code = error_code.clone().unwrap_or_default();
             match status {
                 412 => ProviderError::Changed {
-                    pinned: pinned.map(|v| v.0.clone()).unwrap_or_default(),
+                    pinned: pinned.map(|v| v.to_string()).unwrap_or_default(),
                 },
                 404 if code == "ContainerNotFound" => {
                     ProviderError::NotFound(format!("{what}: the container does not exist"))
@@ -468,13 +472,16 @@ impl Provider for AzureProvider {
         let mut inventory = Inventory::default();
         if self.single_blob {
             let name = &self.prefix;
-            let (size, version, mtime) = self.properties(name).await?;
+            let blob = self.properties(name).await?;
             inventory.disks.push(DiskEntry {
                 path: vec![name.rsplit('/').next().unwrap_or(name).to_string()],
-                size,
-                mtime,
-                allocated: self.allocated(name, size, &version).await?,
-                version,
+                size: blob.size,
+                mtime: blob.mtime,
+                allocated: match blob.page_blob {
+                    true => Some(self.allocated(name, blob.size, &blob.version).await?),
+                    false => None,
+                },
+                version: blob.version,
                 locator: name.clone(),
             });
             return Ok(inventory);
@@ -506,11 +513,9 @@ impl Provider for AzureProvider {
                     KeyPlace::Object(path) => path,
                 };
                 let properties = item.properties.unwrap_or_default();
-                let version = version_of(
-                    properties.blob_type.as_ref(),
-                    properties.etag.map(|e| e.to_string()).as_deref(),
-                );
-                if version.0.starts_with(PAGE_PREFIX) {
+                let version = Version::from_etag(properties.etag.map(|e| e.to_string()).as_deref())
+                    .unwrap_or(Version::Unpinned);
+                if is_page_blob(properties.blob_type.as_ref()) {
                     page_blobs.push(inventory.disks.len());
                 }
                 inventory.disks.push(DiskEntry {
@@ -534,7 +539,7 @@ impl Provider for AzureProvider {
                 (i, disk.locator.clone(), disk.size, disk.version.clone())
             })
             .collect();
-        let allocated: Vec<(usize, Option<u64>)> = futures::stream::iter(wanted)
+        let allocated: Vec<(usize, u64)> = futures::stream::iter(wanted)
             .map(|(i, name, size, version)| async move {
                 self.allocated(&name, size, &version)
                     .await
@@ -544,14 +549,18 @@ impl Provider for AzureProvider {
             .try_collect()
             .await?;
         for (i, allocated) in allocated {
-            inventory.disks[i].allocated = allocated;
+            inventory.disks[i].allocated = Some(allocated);
         }
         Ok(inventory)
     }
 
     async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError> {
-        let (size, version, _) = self.properties(&disk.locator).await?;
-        Ok(Pinned::new(size, version))
+        let blob = self.properties(&disk.locator).await?;
+        let mut pinned = Pinned::new(blob.size, blob.version);
+        if blob.page_blob {
+            pinned.handle = Some(Arc::new(PageBlob));
+        }
+        Ok(pinned)
     }
 
     async fn data_ranges(
@@ -559,7 +568,11 @@ impl Provider for AzureProvider {
         disk: &DiskEntry,
         pinned: &Pinned,
     ) -> Result<Option<Vec<Range<u64>>>, ProviderError> {
-        if !pinned.version.0.starts_with(PAGE_PREFIX) {
+        let page_blob = pinned
+            .handle
+            .as_ref()
+            .is_some_and(|handle| handle.is::<PageBlob>());
+        if !page_blob {
             return Ok(None);
         }
         self.page_ranges(&disk.locator, pinned.size, &pinned.version)
@@ -589,7 +602,7 @@ impl Provider for AzureProvider {
             offset,
             len,
             size: Some(pinned.size),
-            etag: etag_of(version),
+            etag: version.etag(),
             modified: None,
             pinned: version,
         };
@@ -599,7 +612,7 @@ impl Provider for AzureProvider {
         // a stream, unread, with the answer's headers.
         let options = BlobClientDownloadOptions {
             range: Some(HttpRange::new(offset, len as u64)),
-            if_match: etag_of(version).map(Into::into),
+            if_match: version.etag().map(Into::into),
             partition_size: Some(partition),
             parallel: NonZero::new(1),
             ..Default::default()
@@ -636,12 +649,9 @@ impl AzureProvider {
         name: &str,
         size: u64,
         version: &Version,
-    ) -> Result<Option<u64>, ProviderError> {
-        if !version.0.starts_with(PAGE_PREFIX) {
-            return Ok(None);
-        }
+    ) -> Result<u64, ProviderError> {
         let ranges = self.page_ranges(name, size, version).await?;
-        Ok(Some(ranges.iter().map(|r| r.end - r.start).sum()))
+        Ok(ranges.iter().map(|r| r.end - r.start).sum())
     }
 }
 
@@ -713,14 +723,5 @@ mod tests {
     fn page_ranges_merge_when_they_touch() {
         let merged = merge_ranges([4096..8192, 0..512, 512..1024, 8000..9000].into_iter());
         assert_eq!(merged, vec![0..1024, 4096..9000]);
-    }
-
-    #[test]
-    fn versions_remember_the_blob_type_and_the_etag() {
-        let page = version_of(Some(&BlobType::PageBlob), Some("\"0x8D\""));
-        assert_eq!(etag_of(&page), Some("\"0x8D\""));
-        assert!(page.0.starts_with(PAGE_PREFIX));
-        let block = version_of(Some(&BlobType::BlockBlob), None);
-        assert_eq!(etag_of(&block), None);
     }
 }

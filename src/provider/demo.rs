@@ -51,7 +51,7 @@ impl Provider for DemoProvider {
                 path: vec![vm.to_string(), disk.to_string()],
                 size,
                 mtime: demo_mtime(),
-                version: Version("demo-v1".into()),
+                version: Version::Immutable,
                 locator: disk.to_string(),
                 allocated: Some(data_ranges_of(size).iter().map(|r| r.end - r.start).sum()),
             })

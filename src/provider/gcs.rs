@@ -28,7 +28,6 @@ use super::{
 };
 use crate::options::MountOptions;
 
-const GENERATION_PREFIX: &str = "gen:";
 const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
 /// One attempt per call (the crate's default retries transport errors for
 /// 5 minutes): the read path's retries, within `timeout=`, are the only ones.
@@ -92,11 +91,13 @@ impl ObjectResource {
         })
     }
 
+    /// The generation pins the bytes; an object listed without one (never
+    /// seen from GCS itself) can not be pinned.
     fn version(&self) -> Version {
-        Version(format!(
-            "{GENERATION_PREFIX}{}",
-            self.generation.as_deref().unwrap_or("")
-        ))
+        self.generation
+            .as_deref()
+            .and_then(|text| text.trim().parse().ok())
+            .map_or(Version::Unpinned, Version::Generation)
     }
 
     fn mtime(&self) -> SystemTime {
@@ -109,10 +110,6 @@ impl ObjectResource {
             .map(SystemTime::from)
             .unwrap_or(SystemTime::UNIX_EPOCH)
     }
-}
-
-fn generation_of(version: &Version) -> Option<i64> {
-    version.0.strip_prefix(GENERATION_PREFIX)?.parse().ok()
 }
 
 impl GcsProvider {
@@ -229,7 +226,7 @@ impl GcsProvider {
         match err.http_status_code() {
             // The pinned generation is gone: the object was overwritten.
             Some(404 | 412) => ProviderError::Changed {
-                pinned: pinned.0.clone(),
+                pinned: pinned.to_string(),
             },
             Some(401 | 403) => ProviderError::Denied(format!("{what}: {detail}")),
             Some(status) if is_transient_status(status) => {
@@ -336,7 +333,7 @@ impl Provider for GcsProvider {
             .read_object(format!("projects/_/buckets/{}", self.bucket), &disk.locator)
             .set_read_range(ReadRange::segment(offset, len as u64))
             .with_automatic_decompression(false);
-        let pinned_generation = generation_of(version);
+        let pinned_generation = version.generation();
         if let Some(generation) = pinned_generation {
             request = request.set_generation(generation);
         }
@@ -407,10 +404,7 @@ mod tests {
         .unwrap();
         let object = &page.items[0];
         assert_eq!(object.size().unwrap(), 5 << 30);
-        assert_eq!(
-            generation_of(&object.version()),
-            Some(1_700_000_000_123_456)
-        );
+        assert_eq!(object.version().generation(), Some(1_700_000_000_123_456));
         assert!(object.mtime() > SystemTime::UNIX_EPOCH);
         assert_eq!(page.next_page_token.as_deref(), Some("abc"));
         let empty: ObjectList = serde_json::from_str("{}").unwrap();

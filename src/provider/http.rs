@@ -75,10 +75,6 @@ const MAX_MANIFEST: u64 = 64 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const USER_AGENT: &str = concat!("vmexportfs/", env!("CARGO_PKG_VERSION"));
 
-const ETAG_PREFIX: &str = "etag:";
-const MODIFIED_PREFIX: &str = "modified:";
-const SIZE_PREFIX: &str = "size:";
-
 impl HttpProvider {
     pub fn new(source: &str, options: &MountOptions) -> Result<Self, ProviderError> {
         let manifest_url = Url::parse(source).map_err(|err| {
@@ -258,11 +254,9 @@ impl HttpProvider {
 
     pub(super) fn version_from(headers: &HeaderMap, size: u64) -> Version {
         let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
-        match (text(ETAG), text(LAST_MODIFIED)) {
-            (Some(etag), _) if !etag.starts_with("W/") => Version(format!("{ETAG_PREFIX}{etag}")),
-            (_, Some(modified)) => Version(format!("{MODIFIED_PREFIX}{modified}")),
-            _ => Version(format!("{SIZE_PREFIX}{size}")),
-        }
+        Version::from_etag(text(ETAG))
+            .or_else(|| Some(Version::Modified(text(LAST_MODIFIED)?.trim().to_string())))
+            .unwrap_or(Version::Size(size))
     }
 }
 
@@ -442,7 +436,7 @@ impl Provider for HttpProvider {
                         path,
                         size,
                         mtime: manifest_mtime.unwrap_or(SystemTime::UNIX_EPOCH),
-                        version: Version(format!("{SIZE_PREFIX}{size}")),
+                        version: Version::Size(size),
                         locator: disk_url.to_string(),
                         allocated: None,
                     }),
@@ -523,8 +517,8 @@ fn expected<'a>(
         offset,
         len,
         size,
-        etag: version.0.strip_prefix(ETAG_PREFIX),
-        modified: version.0.strip_prefix(MODIFIED_PREFIX),
+        etag: version.etag(),
+        modified: version.modified(),
         pinned: version,
     }
 }
@@ -671,11 +665,17 @@ mod tests {
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
         );
         assert_eq!(
-            HttpProvider::version_from(&headers, 1).0,
-            "modified:Wed, 21 Oct 2015 07:28:00 GMT"
+            HttpProvider::version_from(&headers, 1),
+            Version::Modified("Wed, 21 Oct 2015 07:28:00 GMT".into())
         );
         headers.insert(ETAG, "\"abc\"".parse().unwrap());
-        assert_eq!(HttpProvider::version_from(&headers, 1).0, "etag:\"abc\"");
-        assert_eq!(HttpProvider::version_from(&HeaderMap::new(), 7).0, "size:7");
+        assert_eq!(
+            HttpProvider::version_from(&headers, 1),
+            Version::ETag("\"abc\"".into())
+        );
+        assert_eq!(
+            HttpProvider::version_from(&HeaderMap::new(), 7),
+            Version::Size(7)
+        );
     }
 }

@@ -72,7 +72,7 @@ impl Expected<'_> {
 
     pub fn changed(&self) -> ProviderError {
         ProviderError::Changed {
-            pinned: self.pinned.0.clone(),
+            pinned: self.pinned.to_string(),
         }
     }
 
@@ -500,7 +500,7 @@ mod tests {
         RangeClient::new(Duration::from_secs(2), Duration::from_secs(2), "test")
     }
 
-    const PINNED: &Version = &Version(String::new());
+    const PINNED: &Version = &Version::Unpinned;
 
     /// `len` bytes at `offset` of an object of `size` bytes.
     fn asking(offset: u64, len: usize, size: Option<u64>) -> Expected<'static> {

@@ -31,44 +31,20 @@ use std::time::SystemTime;
 use bytes::{Bytes, BytesMut};
 use percent_encoding::{percent_decode_str, percent_encode, AsciiSet, CONTROLS};
 
-use super::{DiskEntry, Pinned, ProviderError, Version};
+use super::{DiskEntry, FileIdentity, Pinned, ProviderError, Version};
 
 /// Bytes escaped in a locator: `%` itself and everything not ASCII, so any
 /// file name (UTF-8 or not) survives the trip through a `String`.
 const LOCATOR_ESCAPES: &AsciiSet = &CONTROLS.add(b'%');
 
-/// A file's identity and times: what is pinned at open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct FileIdentity {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime: (i64, i64),
-    ctime: (i64, i64),
-}
-
-impl FileIdentity {
-    pub(super) fn of(meta: &Metadata) -> Self {
-        FileIdentity {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.len(),
-            mtime: (meta.mtime(), meta.mtime_nsec()),
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        }
-    }
-
-    fn version(&self) -> Version {
-        Version(format!(
-            "file:{}:{}:{}:{}.{}:{}.{}",
-            self.dev, self.ino, self.size, self.mtime.0, self.mtime.1, self.ctime.0, self.ctime.1
-        ))
-    }
-
-    /// The device and inode a listed version names.
-    fn listed(version: &Version) -> Option<(u64, u64)> {
-        let mut fields = version.0.strip_prefix("file:")?.split(':');
-        Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+/// A file's identity and times, read off its metadata: what is pinned.
+fn identity_of(meta: &Metadata) -> FileIdentity {
+    FileIdentity {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.len(),
+        mtime: (meta.mtime(), meta.mtime_nsec()),
+        ctime: (meta.ctime(), meta.ctime_nsec()),
     }
 }
 
@@ -133,7 +109,7 @@ impl LocalTree {
             path,
             size: meta.len(),
             mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            version: FileIdentity::of(meta).version(),
+            version: Version::File(identity_of(meta)),
             locator: percent_encode(relative.as_os_str().as_bytes(), LOCATOR_ESCAPES).to_string(),
             allocated: Some((meta.blocks() * 512).min(meta.len())),
         }
@@ -163,20 +139,20 @@ impl LocalTree {
                 shown()
             )));
         }
-        let identity = FileIdentity::of(&meta);
-        if let Some(listed) = FileIdentity::listed(&disk.version) {
-            if listed != (identity.dev, identity.ino) {
+        let identity = identity_of(&meta);
+        if let Some(listed) = disk.version.file() {
+            if (listed.dev, listed.ino) != (identity.dev, identity.ino) {
                 return Err(ProviderError::Changed {
                     pinned: format!(
                         "{} (the path now names another file than the one listed)",
-                        disk.version.0
+                        disk.version
                     ),
                 });
             }
         }
         Ok(Pinned {
             size: identity.size,
-            version: identity.version(),
+            version: Version::File(identity),
             handle: Some(Arc::new(OpenFile {
                 file,
                 identity,
@@ -283,7 +259,7 @@ fn open_file(pinned: &Pinned) -> Result<&OpenFile, ProviderError> {
 
 impl OpenFile {
     fn check(&self, pinned: &Pinned) -> Result<(), ProviderError> {
-        let now = FileIdentity::of(&self.file.metadata()?);
+        let now = identity_of(&self.file.metadata()?);
         // Size and mtime, not ctime: writing and truncating change mtime,
         // while renaming the file away or unlinking it (an export replaced
         // by a new file) changes only ctime, and the bytes held are intact.
@@ -292,12 +268,12 @@ impl OpenFile {
         }
         if !self.change_logged.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                pinned = %pinned.version.0, now = %now.version().0,
+                pinned = %pinned.version, now = %Version::File(now),
                 "the file was modified in place while open"
             );
         }
         Err(ProviderError::Changed {
-            pinned: pinned.version.0.clone(),
+            pinned: pinned.version.to_string(),
         })
     }
 }
@@ -313,7 +289,7 @@ fn read_range(pinned: &Pinned, offset: u64, len: usize) -> Result<Bytes, Provide
             Ok(0) => {
                 // Shorter than pinned: truncated under the reader.
                 return Err(ProviderError::Changed {
-                    pinned: pinned.version.0.clone(),
+                    pinned: pinned.version.to_string(),
                 });
             }
             Ok(n) => done += n,
@@ -516,7 +492,13 @@ mod tests {
             path: vec!["disk.raw".into()],
             size: 0,
             mtime: SystemTime::UNIX_EPOCH,
-            version: Version("file:0:0:0:0.0:0.0".into()),
+            version: Version::File(FileIdentity {
+                dev: 0,
+                ino: 0,
+                size: 0,
+                mtime: (0, 0),
+                ctime: (0, 0),
+            }),
             locator: "disk.raw".into(),
             allocated: None,
         }

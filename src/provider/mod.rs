@@ -23,7 +23,10 @@ mod http_range;
 pub mod hyperv;
 mod local;
 pub mod s3;
+mod version;
 pub mod vsphere;
+
+pub use version::{FileIdentity, Strength, Version};
 
 /// One disk as the provider lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,30 +42,6 @@ pub struct DiskEntry {
     /// Bytes that hold data, when the provider knows the disk is sparse;
     /// it becomes `st_blocks`, which tells `cp` to look for holes.
     pub allocated: Option<u64>,
-}
-
-/// The identity of one version of a disk's bytes: an ETag, a generation,
-/// or size+mtime. Every ranged read carries it as a precondition.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Version(pub String);
-
-impl Version {
-    /// Why this version cannot tell every change of the bytes apart, or
-    /// `None` for a strong pin (strong ETag, generation, snapshot, file
-    /// identity, an immutable synthetic disk). The providers' version
-    /// forms are told apart here, in one place.
-    pub fn weakness(&self) -> Option<&'static str> {
-        let text = self.0.as_str();
-        if text.starts_with("modified:") {
-            Some("pinned by Last-Modified only (no strong ETag): a change within the same second goes unseen")
-        } else if text.starts_with("size:") {
-            Some("pinned by size only (no ETag, no Last-Modified): a rewrite of the same size goes unseen")
-        } else if text == "etag:" || text == "page:" || text == "block:" {
-            Some("the provider gave no ETag: reads cannot be pinned")
-        } else {
-            None
-        }
-    }
 }
 
 /// A disk pinned at open: its size and version then, and whatever the
@@ -504,27 +483,6 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(expected), "{kind} {options}: {err}");
-        }
-    }
-
-    #[test]
-    fn weak_pins_are_told_apart_from_strong_ones() {
-        for strong in [
-            "etag:\"abc\"",
-            "gen:17",
-            "page:\"0x8D\"",
-            "file:1:2:3:4.0:5.0",
-            "demo-v1",
-        ] {
-            assert_eq!(Version(strong.into()).weakness(), None, "{strong}");
-        }
-        for weak in [
-            "modified:Tue, 01 Dec 2026 10:00:00 GMT",
-            "size:1024",
-            "etag:",
-            "block:",
-        ] {
-            assert!(Version(weak.into()).weakness().is_some(), "{weak}");
         }
     }
 

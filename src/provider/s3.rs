@@ -25,7 +25,6 @@ use super::{
 };
 use crate::options::MountOptions;
 
-const ETAG_PREFIX: &str = "etag:";
 /// One attempt per SDK call: the read path's retries, within `timeout=`,
 /// are the only ones, so a dead endpoint fails a read in bounded time.
 const SDK_ATTEMPTS: u32 = 1;
@@ -147,7 +146,7 @@ where
             ProviderError::Unreachable(format!("{what}: {detail}"))
         }
         (_, Some(412)) => ProviderError::Changed {
-            pinned: pinned.map(|v| v.0.clone()).unwrap_or_default(),
+            pinned: pinned.map(|v| v.to_string()).unwrap_or_default(),
         },
         (_, Some(404)) if code == "NoSuchBucket" => {
             ProviderError::NotFound(format!("{what}: the bucket does not exist"))
@@ -202,7 +201,7 @@ impl Provider for S3Provider {
                     path,
                     size,
                     mtime: to_system_time(object.last_modified()),
-                    version: Version(format!("{ETAG_PREFIX}{}", object.e_tag().unwrap_or(""))),
+                    version: Version::from_etag(object.e_tag()).unwrap_or(Version::Unpinned),
                     locator: key.to_string(),
                     allocated: None,
                 });
@@ -221,8 +220,8 @@ impl Provider for S3Provider {
             .await
             .map_err(|err| map_error(&format!("HEAD {}", self.object(&disk.locator)), err, None))?;
         let size = head.content_length().unwrap_or(0).max(0) as u64;
-        let etag = head.e_tag().unwrap_or("");
-        Ok(Pinned::new(size, Version(format!("{ETAG_PREFIX}{etag}"))))
+        let version = Version::from_etag(head.e_tag()).unwrap_or(Version::Unpinned);
+        Ok(Pinned::new(size, version))
     }
 
     async fn read(
@@ -242,10 +241,7 @@ impl Provider for S3Provider {
             offset + len as u64 - 1,
             self.server
         );
-        let etag = version
-            .0
-            .strip_prefix(ETAG_PREFIX)
-            .filter(|e| !e.is_empty());
+        let etag = version.etag();
         let expected = Expected {
             what: &what,
             offset,

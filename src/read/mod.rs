@@ -218,9 +218,9 @@ impl FileReader {
         self.served.load(Ordering::Relaxed)
     }
 
-    /// Why its pinned version is weak, if it is.
-    pub fn pin_weakness(&self) -> Option<&'static str> {
-        self.pinned.version.weakness()
+    /// The version it was pinned to at open.
+    pub fn pinned_version(&self) -> &Version {
+        &self.pinned.version
     }
 
     /// Its weight in the throttle's fair queue.
@@ -265,11 +265,13 @@ pub struct ReadPath {
 
 /// Identifies a disk at one version, so blocks of two versions never mix.
 fn file_key(ino: u64, version: &Version) -> u64 {
-    let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ ino;
-    for byte in version.0.bytes() {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
+    use std::hash::{Hash, Hasher};
+    // Fixed keys: the same disk at the same version gets the same key in
+    // every open of this process.
+    let mut hasher = std::hash::DefaultHasher::new();
+    ino.hash(&mut hasher);
+    version.hash(&mut hasher);
+    hasher.finish()
 }
 
 impl ReadPath {

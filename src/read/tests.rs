@@ -103,7 +103,7 @@ fn disk(size: u64) -> Arc<DiskEntry> {
         path: vec!["vm".into(), "disk".into()],
         size,
         mtime: SystemTime::UNIX_EPOCH,
-        version: Version("v1".into()),
+        version: Version::ETag("\"v1\"".into()),
         locator: "mock".into(),
         allocated: None,
     })
@@ -130,7 +130,7 @@ fn open(path: &Arc<ReadPath>, size: u64) -> Arc<FileReader> {
     path.open(
         7,
         disk(size),
-        Pinned::new(size, Version("v1".into())),
+        Pinned::new(size, Version::ETag("\"v1\"".into())),
         "/vm/disk".into(),
         None,
         Opener::default(),
@@ -330,7 +330,7 @@ async fn holes_read_as_zeros_without_fetching_and_seek_finds_them() {
     let reader = path.open(
         7,
         disk(size),
-        Pinned::new(size, Version("v1".into())),
+        Pinned::new(size, Version::ETag("\"v1\"".into())),
         "/vm/disk".into(),
         Some(data),
         Opener::default(),

@@ -39,7 +39,7 @@ use url::Url;
 
 use self::api::{Api, BackingKind, BackingLink, DiskBacking, Login, SNAPSHOT_NAME};
 use super::http::{check_status, content_length, ranged_get, transport_error, HttpProvider};
-use super::{read_secret_file, DiskEntry, Inventory, Pinned, Provider, ProviderError};
+use super::{read_secret_file, DiskEntry, Inventory, Pinned, Provider, ProviderError, Version};
 use crate::options::MountOptions;
 
 /// Where the password comes from when no credentials file is given.
@@ -453,6 +453,21 @@ impl VsphereProvider {
         })
     }
 
+    /// The snapshot this mount holds for the VM, if any.
+    async fn held_snapshot(&self, vm_id: &str) -> Option<String> {
+        if !self.snapshot {
+            return None;
+        }
+        let export = self
+            .exports
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(vm_id)
+            .cloned()?;
+        let snapshot = export.lock().await.snapshot.clone();
+        snapshot
+    }
+
     fn export_of(&self, vm_id: &str) -> Arc<tokio::sync::Mutex<VmExport>> {
         self.exports
             .lock()
@@ -805,10 +820,18 @@ impl Provider for VsphereProvider {
         let url = url_of(disk);
         let headers = self.head(url).await?;
         let size = content_length(&headers).unwrap_or(disk.size);
-        Ok(Pinned::new(
-            size,
-            HttpProvider::version_from(&headers, size),
-        ))
+        let file = HttpProvider::version_from(&headers, size);
+        // Under a held snapshot the file is a frozen parent: its bytes stay
+        // as they are until the snapshot is removed, whatever the datastore
+        // says of its validators.
+        let version = match self.held_snapshot(vm_of(disk)).await {
+            Some(id) => Version::Snapshot {
+                id,
+                file: Box::new(file),
+            },
+            None => file,
+        };
+        Ok(Pinned::new(size, version))
     }
 
     async fn read(
@@ -1133,7 +1156,7 @@ mod tests {
             path: vec!["vm".into(), "d.vmdk".into()],
             size: 1,
             mtime: SystemTime::UNIX_EPOCH,
-            version: crate::provider::Version("size:1".into()),
+            version: Version::Size(1),
             locator: "vm-42 https://vc/folder/a%20b/d.vmdk?dcPath=DC&dsName=ds".into(),
             allocated: None,
         };
