@@ -8,14 +8,15 @@
 //! blocks leave the in-flight map all the same ([`super::flight::Landing`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::future::FutureExt;
+use tokio_util::sync::CancellationToken;
 
 use super::cache::BlockKey;
-use super::flight::{FetchError, Landing, SharedFetch};
+use super::flight::{FetchError, Flight, Landing, SharedFetch};
 use super::retry::Budget;
 use super::{FileReader, InFlight, ReadPath};
 use crate::provider::ProviderError;
@@ -42,16 +43,22 @@ impl ReadPath {
     /// Starts one fetch of `count` blocks from `first` and registers each
     /// block's share of it as in flight (under the caller's lock, so that
     /// the task's own removal always comes after the insertion); returns
-    /// the first block's.
+    /// the first block's. Read-ahead passes its reader's run: a seek that
+    /// cancels the run drops the fetch if no tokens were taken for it yet
+    /// and no read waits for it.
     pub(super) fn start_fetch(
         self: &Arc<Self>,
-        inflight: &mut HashMap<BlockKey, SharedFetch>,
+        inflight: &mut HashMap<BlockKey, Flight>,
         reader: &Arc<FileReader>,
         first: u64,
         count: u64,
+        run: Option<&CancellationToken>,
     ) -> SharedFetch {
         let this = Arc::clone(self);
         let owner = Arc::clone(reader);
+        let demanded = Arc::new(AtomicBool::new(run.is_none()));
+        let run = run.cloned();
+        let wanted = Arc::clone(&demanded);
         let block_size = self.config.block_size;
         let file = reader.key;
         let task = tokio::spawn(async move {
@@ -66,7 +73,7 @@ impl ReadPath {
             let result = tokio::select! {
                 biased;
                 _ = owner.cancel.cancelled() => Err(FetchError::Cancelled),
-                result = this.fetch_span(&owner, first, count) => result,
+                result = this.fetch_span(&owner, first, count, run.as_ref(), &wanted) => result,
             };
             if let Ok(span) = &result {
                 for i in 0..count {
@@ -98,9 +105,13 @@ impl ReadPath {
             }
         }
         .boxed();
+        let flight = |fetch: SharedFetch| Flight {
+            fetch,
+            demanded: Arc::clone(&demanded),
+        };
         if count == 1 {
             let fetch = whole.shared();
-            inflight.insert(BlockKey { file, index: first }, fetch.clone());
+            inflight.insert(BlockKey { file, index: first }, flight(fetch.clone()));
             return fetch;
         }
         let whole = whole.shared();
@@ -117,20 +128,52 @@ impl ReadPath {
                     file,
                     index: first + i,
                 },
-                share(i),
+                flight(share(i)),
             );
         }
         let fetch = share(0);
-        inflight.insert(BlockKey { file, index: first }, fetch.clone());
+        inflight.insert(BlockKey { file, index: first }, flight(fetch.clone()));
         fetch
     }
 
-    /// `count` blocks from `first`, in one provider request.
+    /// `count` blocks from `first`, in one provider request; read-ahead
+    /// (`run` given) is dropped when the run goes stale before it is
+    /// charged, unless a read came to wait for it.
     async fn fetch_span(
         &self,
         reader: &FileReader,
         first: u64,
         count: u64,
+        run: Option<&CancellationToken>,
+        demanded: &AtomicBool,
+    ) -> Result<Bytes, FetchError> {
+        let charged = AtomicBool::new(false);
+        let work = self.fetch_charged(reader, first, count, run.is_some(), demanded, &charged);
+        let Some(run) = run else {
+            return work.await;
+        };
+        let stale = async {
+            run.cancelled().await;
+            if charged.load(Ordering::Relaxed) || demanded.load(Ordering::Relaxed) {
+                // Paid for or waited on: it runs to the end.
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            biased;
+            result = work => result,
+            () = stale => Err(FetchError::Cancelled),
+        }
+    }
+
+    async fn fetch_charged(
+        &self,
+        reader: &FileReader,
+        first: u64,
+        count: u64,
+        ahead: bool,
+        demanded: &AtomicBool,
+        charged: &AtomicBool,
     ) -> Result<Bytes, FetchError> {
         let offset = first * self.config.block_size;
         let block_len = (count * self.config.block_size).min(reader.size - offset);
@@ -138,14 +181,20 @@ impl ReadPath {
         // last is fetched and charged; the rest is zeros.
         let span = reader.data.data_span(offset, offset + block_len);
         let len = span.end - span.start;
-        // A run is at most half the window, which is at most half the cache
-        // (three quarters of `memory`), so it never asks for more slots than
-        // the `memory / 4` there are.
-        let _slots = self
-            .fetch_slots
-            .acquire_many(count as u32)
-            .await
-            .map_err(|_| FetchError::Cancelled)?;
+        // Read-ahead buffers come from the slots. A run is at most half the
+        // window, which is at most half the cache (three quarters of
+        // `memory`), so it never asks for more slots than the `memory / 4`
+        // there are. A demand never waits behind read-ahead for a slot: its
+        // buffer is one read's, and the kernel bounds the reads in flight.
+        let _slots = match ahead {
+            true => Some(
+                self.fetch_slots
+                    .acquire_many(count as u32)
+                    .await
+                    .map_err(|_| FetchError::Cancelled)?,
+            ),
+            false => None,
+        };
         self.stats.fetches_in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.stats.fetches_in_flight);
         let result = self
@@ -155,7 +204,17 @@ impl ReadPath {
                 &mut Budget::default(),
                 &self.stats.retries,
                 (&reader.path, "read"),
-                || self.throttle.acquire(&reader.flow, len),
+                || async {
+                    match ahead {
+                        true => {
+                            self.throttle
+                                .acquire_ahead(&reader.flow, len, demanded)
+                                .await
+                        }
+                        false => self.throttle.acquire(&reader.flow, len).await,
+                    }
+                    charged.store(true, Ordering::Relaxed);
+                },
                 || async {
                     self.stats.fetches.fetch_add(1, Ordering::Relaxed);
                     let data = self

@@ -7,6 +7,7 @@
 //! spins on a dead fetch.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -24,13 +25,22 @@ pub enum FetchError {
 
 pub type SharedFetch = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
 
+/// One block's share of a fetch in flight.
+#[derive(Clone)]
+pub struct Flight {
+    pub fetch: SharedFetch,
+    /// Set when a read waits for the fetch: read-ahead then charges as
+    /// demand and is no longer cancelled by a seek.
+    pub demanded: Arc<AtomicBool>,
+}
+
 #[derive(Default)]
 pub struct Flights {
-    map: Mutex<HashMap<BlockKey, SharedFetch>>,
+    map: Mutex<HashMap<BlockKey, Flight>>,
 }
 
 impl Flights {
-    pub fn lock(&self) -> MutexGuard<'_, HashMap<BlockKey, SharedFetch>> {
+    pub fn lock(&self) -> MutexGuard<'_, HashMap<BlockKey, Flight>> {
         self.map
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -170,6 +170,13 @@ impl PendingRead {
     }
 }
 
+/// A reader's sequential state and the token of its current run: a seek
+/// cancels the run's read-ahead that has not yet been charged.
+struct ReadAhead {
+    sequential: Sequential,
+    run: CancellationToken,
+}
+
 /// One open file: a disk pinned at one version, and its reader's state.
 pub struct FileReader {
     disk: Arc<DiskEntry>,
@@ -179,7 +186,7 @@ pub struct FileReader {
     /// Path inside the mount, for log lines.
     path: String,
     cancel: CancellationToken,
-    sequential: Mutex<Sequential>,
+    sequential: Mutex<ReadAhead>,
     flow: Flow,
     /// Open files reading this same disk version, this one included.
     readers_of_version: Arc<AtomicUsize>,
@@ -358,6 +365,8 @@ impl ReadPath {
             Arc::clone(count)
         };
         let flow = Flow::new(self.weight_for(&path));
+        let cancel = self.shutdown.child_token();
+        let run = cancel.child_token();
         Arc::new(FileReader {
             key,
             readers_of_version,
@@ -366,8 +375,11 @@ impl ReadPath {
             size: pinned.size,
             pinned,
             path,
-            cancel: self.shutdown.child_token(),
-            sequential: Mutex::new(Sequential::default()),
+            cancel,
+            sequential: Mutex::new(ReadAhead {
+                sequential: Sequential::default(),
+                run,
+            }),
             flow,
             opener,
             opened: Instant::now(),
@@ -433,23 +445,30 @@ impl ReadPath {
         let max_window = self.max_window();
         // Half the window per request keeps two requests overlapping.
         let run_blocks = (self.max_request.min(max_window / 2) / block_size).max(1);
-        let (ahead, done) = {
+        let (ahead, done, run) = {
             let file_blocks = reader.size.div_ceil(block_size);
-            let mut sequential = reader
+            let mut state = reader
                 .sequential
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            (
-                sequential.on_read(
-                    offset,
-                    end - offset,
-                    block_size,
-                    max_window,
-                    file_blocks,
-                    run_blocks,
-                ),
-                sequential.on_served(offset, end - offset, block_size, reader.size),
-            )
+            let ahead = state.sequential.on_read(
+                offset,
+                end - offset,
+                block_size,
+                max_window,
+                file_blocks,
+                run_blocks,
+            );
+            if state.sequential.take_seek() {
+                // The read-ahead of the run left behind is stale.
+                state.run.cancel();
+                state.run = reader.cancel.child_token();
+            }
+            let done = state
+                .sequential
+                .on_served(offset, end - offset, block_size, reader.size);
+            let run = (!ahead.is_empty()).then(|| state.run.clone());
+            (ahead, done, run)
         };
 
         // Blocks asked for go to the throttle queue before read-ahead does.
@@ -466,11 +485,13 @@ impl ReadPath {
                 });
             }
         }
-        let mut run_start = ahead.start;
-        while run_start < ahead.end {
-            let run_end = (run_start + run_blocks).min(ahead.end);
-            self.prefetch(reader, run_start..run_end);
-            run_start = run_end;
+        if let Some(run) = run {
+            let mut run_start = ahead.start;
+            while run_start < ahead.end {
+                let run_end = (run_start + run_blocks).min(ahead.end);
+                self.prefetch(reader, run_start..run_end, &run);
+                run_start = run_end;
+            }
         }
 
         // Every block cached: the data is ready without waiting.
@@ -591,8 +612,9 @@ impl ReadPath {
             return Lookup::Ready(block);
         }
         let mut inflight = self.inflight.lock();
-        if let Some(fetch) = inflight.get(&key) {
-            return Lookup::Pending(fetch.clone());
+        if let Some(flight) = inflight.get(&key) {
+            flight.demanded.store(true, Ordering::Relaxed);
+            return Lookup::Pending(flight.fetch.clone());
         }
         // A fetch may have finished between the two looks.
         if let Some(block) = self.cache.get(&key) {
@@ -600,12 +622,17 @@ impl ReadPath {
             return Lookup::Ready(block);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-        Lookup::Pending(self.start_fetch(&mut inflight, reader, index, 1))
+        Lookup::Pending(self.start_fetch(&mut inflight, reader, index, 1, None))
     }
 
     /// Read-ahead of `blocks`: the ones neither cached, nor being fetched,
     /// nor holes are fetched, each consecutive stretch in one request.
-    fn prefetch(self: &Arc<Self>, reader: &Arc<FileReader>, blocks: Range<u64>) {
+    fn prefetch(
+        self: &Arc<Self>,
+        reader: &Arc<FileReader>,
+        blocks: Range<u64>,
+        run: &CancellationToken,
+    ) {
         let block_size = self.config.block_size;
         let mut inflight = self.inflight.lock();
         let mut stretch: Option<u64> = None;
@@ -628,7 +655,7 @@ impl ReadPath {
                         .cache_misses
                         .fetch_add(index - first, Ordering::Relaxed);
                     // The fetches run on in their task.
-                    drop(self.start_fetch(&mut inflight, reader, first, index - first));
+                    drop(self.start_fetch(&mut inflight, reader, first, index - first, Some(run)));
                     stretch = None;
                 }
                 _ => {}

@@ -23,6 +23,8 @@ pub struct Sequential {
     issued_until: u64,
     /// The block being read in order from its start, and how far.
     consuming: Option<(u64, u64)>,
+    /// A seek left read-ahead behind since [`Sequential::take_seek`].
+    seeked: bool,
 }
 
 /// Blocks of slack for reordered kernel requests.
@@ -52,6 +54,7 @@ impl Sequential {
             .min(max_window);
             self.next_offset = self.next_offset.max(end);
         } else {
+            self.seeked |= self.window > 0;
             self.window = 0;
             self.issued_until = 0;
             self.next_offset = end;
@@ -69,6 +72,12 @@ impl Sequential {
         }
         self.issued_until = self.issued_until.max(target);
         from..target.max(from)
+    }
+
+    /// Whether a seek left read-ahead behind since the last call: that
+    /// read-ahead is stale.
+    pub fn take_seek(&mut self) -> bool {
+        std::mem::take(&mut self.seeked)
     }
 
     /// Records that `[offset, offset+len)` is being served and returns the
@@ -152,6 +161,21 @@ mod tests {
         assert_eq!(asked, sorted, "no block is asked for twice");
         assert_eq!(*asked.first().unwrap(), 1);
         assert_eq!(*asked.last().unwrap(), 7 + 16);
+    }
+
+    #[test]
+    fn a_seek_away_from_read_ahead_is_told_once() {
+        let mut seq = Sequential::default();
+        for i in 0..4 {
+            seq.on_read(i * B, B, B, 16 * B, 1000, 1);
+        }
+        assert!(!seq.take_seek());
+        seq.on_read(500 * B, 4096, B, 16 * B, 1000, 1);
+        assert!(seq.take_seek());
+        assert!(!seq.take_seek());
+        // A second random read has no read-ahead to leave behind.
+        seq.on_read(100 * B, 4096, B, 16 * B, 1000, 1);
+        assert!(!seq.take_seek());
     }
 
     #[test]

@@ -269,6 +269,58 @@ async fn closing_a_file_stops_its_fetches() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_a_seek_does_not_wait_behind_stale_read_ahead() {
+    let provider = MockProvider::new(Duration::from_millis(5));
+    let block = 256 << 10;
+    // 4 MiB/s: the read-ahead of a sequential reader (a 2 MiB window) is
+    // half a second of the link; one block is 62 ms.
+    let path = ReadPath::new(
+        provider.clone(),
+        Throttle::new(Some(Limit {
+            rate: 4 * MIB,
+            burst: 64 << 10,
+        })),
+        ReadConfig {
+            block_size: block,
+            memory: 64 * MIB,
+            ..ReadConfig::default()
+        },
+    );
+    let reader = open(&path, 256 * MIB);
+    for i in 0..8 {
+        let data = path.read(&reader, i * block, block as u32).await.unwrap();
+        assert_eq!(data, expected(i * block, block));
+    }
+    let before = provider.request_count();
+    let started = std::time::Instant::now();
+    let far = 200 * MIB;
+    let data = path.read(&reader, far, 4096).await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(data, expected(far, 4096));
+    assert!(
+        waited < Duration::from_millis(300),
+        "the read after the seek waited {waited:?} behind read-ahead"
+    );
+    // The stale run's read-ahead that had not been charged is dropped: in
+    // the next second, far fewer than its blocks are fetched.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let old_run = provider
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .skip(before)
+        .filter(|(offset, _)| *offset < far)
+        .map(|(_, len)| *len as u64)
+        .sum::<u64>();
+    assert!(
+        old_run <= MIB,
+        "{old_run} bytes of stale read-ahead fetched after the seek"
+    );
+    path.release(&reader);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_faults_are_retried_and_permanent_ones_fail_the_read() {
     let provider = MockProvider::new(Duration::from_millis(1));
     let path = read_path(provider.clone(), 64 * MIB);

@@ -10,12 +10,17 @@
 //!   On a change the tokens already in the bucket are kept, up to the new
 //!   depth: a lower rate brings no burst, a higher one loses nothing.
 //! - **The queue** is self-clocked fair queueing. Each reader charges
-//!   through its own [`Flow`], which lets one of its pieces at a time into
-//!   the queue; a piece's tag is where the flow's previous tag (or the
-//!   queue's virtual time, if later) plus its bytes divided by the flow's
-//!   weight, and the smallest tag goes first. Under contention readers get
-//!   shares in proportion to their weights, whatever their read-ahead
-//!   depth; a lone reader gets the whole rate.
+//!   through its own [`Flow`], which lets one of its pieces of each kind
+//!   at a time into the queue; a piece's tag is where the flow's previous
+//!   tag (or the queue's virtual time, if later) plus its bytes divided by
+//!   the flow's weight, and the smallest tag goes first. Under contention
+//!   readers get shares in proportion to their weights, whatever their
+//!   read-ahead depth; a lone reader gets the whole rate.
+//! - **Demand before speculation.** A piece is [`Urgency::Demand`] (a read
+//!   a process waits for) or [`Urgency::Ahead`] (read-ahead). A demand never
+//!   waits behind its own reader's read-ahead: it takes the place of the
+//!   flow's queued read-ahead piece, which moves to the demand's place.
+//!   Both kinds advance the same tag, so the fair share stays per reader.
 //! - **Per-file caps** (`file_rate=`) are a governor limiter per flow: a
 //!   fixed quota that one waiter uses at a time is exactly what it does
 //!   well. A piece passes its flow's cap before it joins the queue.
@@ -120,10 +125,23 @@ pub enum LimitError {
     BurstTooLarge(u64),
 }
 
+/// What a charge is for: a read a process waits for, or read-ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Urgency {
+    Demand = 0,
+    Ahead = 1,
+}
+
 /// One reader's place in the throttle: its weight, its fair-queue tag and
-/// its cap. At most one of its pieces waits in the queue at a time.
+/// its cap. At most one of its pieces of each urgency waits in the queue at
+/// a time.
 pub struct Flow {
-    turn: tokio::sync::Mutex<Option<FileCap>>,
+    demand_turn: tokio::sync::Mutex<()>,
+    ahead_turn: tokio::sync::Mutex<()>,
+    cap: Mutex<Option<Arc<FileCap>>>,
+    /// The queue key of this flow's read-ahead piece, while it waits
+    /// (touched under the queue's lock only).
+    queued_ahead: Mutex<Option<(u64, u64)>>,
     weight: AtomicU32,
     /// Tag of this flow's last piece (written under the queue's lock).
     finish: AtomicU64,
@@ -132,7 +150,10 @@ pub struct Flow {
 impl Flow {
     pub fn new(weight: u32) -> Self {
         Flow {
-            turn: tokio::sync::Mutex::new(None),
+            demand_turn: tokio::sync::Mutex::new(()),
+            ahead_turn: tokio::sync::Mutex::new(()),
+            cap: Mutex::new(None),
+            queued_ahead: Mutex::new(None),
             weight: AtomicU32::new(weight.clamp(1, MAX_WEIGHT)),
             finish: AtomicU64::new(0),
         }
@@ -160,7 +181,7 @@ impl Default for Flow {
 struct FileCap {
     limiter: DefaultDirectRateLimiter,
     burst_cells: u32,
-    carry: u64,
+    carry: Mutex<u64>,
     generation: u64,
 }
 
@@ -178,7 +199,7 @@ impl FileCap {
         FileCap {
             limiter: RateLimiter::direct(quota),
             burst_cells,
-            carry: 0,
+            carry: Mutex::new(0),
             generation,
         }
     }
@@ -187,10 +208,16 @@ impl FileCap {
         u64::from(self.burst_cells) * CELL
     }
 
-    async fn acquire(&mut self, bytes: u64) {
-        let owed = self.carry + bytes;
-        self.carry = owed % CELL;
-        let mut cells = owed / CELL;
+    async fn acquire(&self, bytes: u64) {
+        let mut cells = {
+            let mut carry = self
+                .carry
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let owed = *carry + bytes;
+            *carry = owed % CELL;
+            owed / CELL
+        };
         while cells > 0 {
             let now = cells.min(u64::from(self.burst_cells));
             if let Some(n) = NonZeroU32::new(now as u32) {
@@ -469,27 +496,57 @@ impl Throttle {
             .1
     }
 
-    /// Waits until `bytes` may be fetched. Cancel-safe: dropping the future
-    /// gives up the place in the queue; pieces already taken stay spent.
+    /// Waits until `bytes` a reader waits for may be fetched. Cancel-safe:
+    /// dropping the future gives up the place in the queue; pieces already
+    /// taken stay spent.
     pub async fn acquire(&self, flow: &Flow, bytes: u64) {
+        self.acquire_as(flow, bytes, Urgency::Demand).await
+    }
+
+    /// [`Throttle::acquire`] for a charge of the given urgency.
+    pub async fn acquire_as(&self, flow: &Flow, bytes: u64, urgency: Urgency) {
+        self.charge(flow, bytes, urgency, None).await
+    }
+
+    /// A read-ahead charge, whose pieces go as demand from the moment
+    /// `demanded` is set (a reader came to wait for the bytes).
+    pub async fn acquire_ahead(&self, flow: &Flow, bytes: u64, demanded: &AtomicBool) {
+        self.charge(flow, bytes, Urgency::Ahead, Some(demanded))
+            .await
+    }
+
+    async fn charge(
+        &self,
+        flow: &Flow,
+        bytes: u64,
+        urgency: Urgency,
+        promoted: Option<&AtomicBool>,
+    ) {
         let inner = &*self.inner;
         let capped = inner.capped.load(Ordering::Relaxed);
         if bytes == 0 || (!capped && inner.open.load(Ordering::Relaxed)) {
             return;
         }
         let started = Instant::now();
-        let mut cap = flow.turn.lock().await;
-        self.refresh_cap(&mut cap);
+        let _turn = match urgency {
+            Urgency::Demand => flow.demand_turn.lock().await,
+            Urgency::Ahead => flow.ahead_turn.lock().await,
+        };
+        let cap = self.refresh_cap(flow);
         let mut remaining = bytes;
         while remaining > 0 {
             let mut piece = remaining
                 .min(inner.piece.load(Ordering::Relaxed))
                 .min(inner.fleet_piece.load(Ordering::Relaxed));
-            if let Some(cap) = cap.as_mut() {
+            if let Some(cap) = &cap {
                 piece = piece.min(cap.depth());
                 cap.acquire(piece).await;
             }
-            self.take(flow, piece).await;
+            let urgency = match promoted {
+                Some(demanded) if demanded.load(Ordering::Relaxed) => Urgency::Demand,
+                _ => urgency,
+            };
+            self.take(flow, piece, urgency).await;
             remaining -= piece;
         }
         inner
@@ -502,19 +559,26 @@ impl Throttle {
             .fetch_add(bytes, Ordering::Relaxed);
     }
 
-    fn refresh_cap(&self, cap: &mut Option<FileCap>) {
+    /// The flow's cap under the `file_rate=` in force, made anew when it
+    /// changed; both urgencies of a flow share it.
+    fn refresh_cap(&self, flow: &Flow) -> Option<Arc<FileCap>> {
         let (generation, limit) = *self
             .inner
             .file_cap
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cap = flow
+            .cap
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if cap.as_ref().map(|c| c.generation) != Some(generation) || limit.is_none() {
-            *cap = limit.map(|limit| FileCap::new(limit, generation));
+            *cap = limit.map(|limit| Arc::new(FileCap::new(limit, generation)));
         }
+        cap.clone()
     }
 
     /// One piece through the mount's bucket and the fleet gate.
-    async fn take(&self, flow: &Flow, bytes: u64) {
+    async fn take(&self, flow: &Flow, bytes: u64, urgency: Urgency) {
         let inner = &*self.inner;
         let granted = {
             let mut state = inner.lock();
@@ -538,7 +602,35 @@ impl Throttle {
             let (grant, granted) = oneshot::channel();
             state.arrivals += 1;
             let arrival = state.arrivals;
-            state.queue.insert((tag, arrival), Waiter { bytes, grant });
+            let key = (tag, arrival);
+            let waiter = Waiter { bytes, grant };
+            let mut queued_ahead = flow
+                .queued_ahead
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            match urgency {
+                Urgency::Ahead => {
+                    state.queue.insert(key, waiter);
+                    *queued_ahead = Some(key);
+                }
+                Urgency::Demand => {
+                    // The demand goes where the flow's read-ahead piece
+                    // waits, and that piece where the demand would have.
+                    let ahead = queued_ahead
+                        .and_then(|ahead_key| Some((ahead_key, state.queue.remove(&ahead_key)?)));
+                    match ahead {
+                        Some((ahead_key, ahead)) => {
+                            state.queue.insert(ahead_key, waiter);
+                            state.queue.insert(key, ahead);
+                            *queued_ahead = Some(key);
+                        }
+                        None => {
+                            state.queue.insert(key, waiter);
+                            *queued_ahead = None;
+                        }
+                    }
+                }
+            }
             granted
         };
         inner.pacer.notify_one();

@@ -432,3 +432,50 @@ mod properties {
         }
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_demand_never_waits_behind_read_ahead_its_own_or_another_readers() {
+    let rate = 1 << 20;
+    let limit = Limit::auto(rate);
+    let throttle = Throttle::new(Some(limit));
+    let reader = Arc::new(Flow::default());
+    throttle.acquire(&reader, limit.burst).await; // drain the bucket
+    let ahead = {
+        let (throttle, reader) = (Arc::clone(&throttle), Arc::clone(&reader));
+        tokio::spawn(async move { throttle.acquire_as(&reader, 8 << 20, Urgency::Ahead).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One piece of the bucket (100 KiB at 1 MiB/s) plus its own 64 KiB at
+    // most: not the 8 s of read-ahead queued before it.
+    let most = Duration::from_millis(200);
+    for demand in [&*reader, &Flow::default()] {
+        let started = tokio::time::Instant::now();
+        throttle.acquire(demand, 64 << 10).await;
+        let waited = started.elapsed();
+        assert!(
+            waited <= most,
+            "a demand waited {waited:?} behind read-ahead"
+        );
+    }
+    assert!(!ahead.is_finished(), "the read-ahead cannot be done yet");
+    let started = tokio::time::Instant::now();
+    ahead.await.unwrap();
+    // Every byte is still paid for: the read-ahead ends at the rate.
+    let rest = started.elapsed().as_secs_f64();
+    assert!(rest > 7.0 && rest < 8.5, "read-ahead took {rest:.2}s more");
+}
+
+#[tokio::test(start_paused = true)]
+async fn read_ahead_runs_when_no_demand_waits() {
+    let rate = 4 << 20;
+    let throttle = Throttle::new(Some(Limit::auto(rate)));
+    let flow = Flow::default();
+    throttle.acquire(&flow, Limit::auto(rate).burst).await;
+    let started = tokio::time::Instant::now();
+    throttle.acquire_as(&flow, 4 << 20, Urgency::Ahead).await;
+    let took = started.elapsed().as_secs_f64();
+    assert!(
+        (took - 1.0).abs() < 0.05,
+        "4 MiB at 4 MiB/s took {took:.3}s"
+    );
+}
