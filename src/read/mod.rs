@@ -186,7 +186,7 @@ pub struct FileReader {
     /// Path inside the mount, for log lines.
     path: String,
     cancel: CancellationToken,
-    sequential: Mutex<ReadAhead>,
+    read_ahead: Mutex<ReadAhead>,
     flow: Flow,
     /// Open files reading this same disk version, this one included.
     readers_of_version: Arc<AtomicUsize>,
@@ -376,7 +376,7 @@ impl ReadPath {
             pinned,
             path,
             cancel,
-            sequential: Mutex::new(ReadAhead {
+            read_ahead: Mutex::new(ReadAhead {
                 sequential: Sequential::default(),
                 run,
             }),
@@ -448,7 +448,7 @@ impl ReadPath {
         let (ahead, done, run) = {
             let file_blocks = reader.size.div_ceil(block_size);
             let mut state = reader
-                .sequential
+                .read_ahead
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             let ahead = state.sequential.on_read(

@@ -16,8 +16,9 @@
 //!   the flow's weight, and the smallest tag goes first. Under contention
 //!   readers get shares in proportion to their weights, whatever their
 //!   read-ahead depth; a lone reader gets the whole rate.
-//! - **Demand before speculation.** A piece is [`Urgency::Demand`] (a read
-//!   a process waits for) or [`Urgency::Ahead`] (read-ahead). A demand never
+//! - **Demand before speculation.** A charge is a demand (a read a process
+//!   waits for, [`Throttle::acquire`]) or read-ahead
+//!   ([`Throttle::acquire_ahead`]). A demand never
 //!   waits behind its own reader's read-ahead: it takes the place of the
 //!   flow's queued read-ahead piece, which moves to the demand's place.
 //!   Both kinds advance the same tag, so the fair share stays per reader.
@@ -125,11 +126,11 @@ pub enum LimitError {
     BurstTooLarge(u64),
 }
 
-/// What a charge is for: a read a process waits for, or read-ahead.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Urgency {
-    Demand = 0,
-    Ahead = 1,
+/// What a piece is for: a read a process waits for, or read-ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Urgency {
+    Demand,
+    Ahead,
 }
 
 /// One reader's place in the throttle: its weight, its fair-queue tag and
@@ -500,37 +501,26 @@ impl Throttle {
     /// dropping the future gives up the place in the queue; pieces already
     /// taken stay spent.
     pub async fn acquire(&self, flow: &Flow, bytes: u64) {
-        self.acquire_as(flow, bytes, Urgency::Demand).await
-    }
-
-    /// [`Throttle::acquire`] for a charge of the given urgency.
-    pub async fn acquire_as(&self, flow: &Flow, bytes: u64, urgency: Urgency) {
-        self.charge(flow, bytes, urgency, None).await
+        self.charge(flow, bytes, None).await
     }
 
     /// A read-ahead charge, whose pieces go as demand from the moment
     /// `demanded` is set (a reader came to wait for the bytes).
     pub async fn acquire_ahead(&self, flow: &Flow, bytes: u64, demanded: &AtomicBool) {
-        self.charge(flow, bytes, Urgency::Ahead, Some(demanded))
-            .await
+        self.charge(flow, bytes, Some(demanded)).await
     }
 
-    async fn charge(
-        &self,
-        flow: &Flow,
-        bytes: u64,
-        urgency: Urgency,
-        promoted: Option<&AtomicBool>,
-    ) {
+    /// A demand charge, or read-ahead (`ahead` given: its `demanded` flag).
+    async fn charge(&self, flow: &Flow, bytes: u64, ahead: Option<&AtomicBool>) {
         let inner = &*self.inner;
         let capped = inner.capped.load(Ordering::Relaxed);
         if bytes == 0 || (!capped && inner.open.load(Ordering::Relaxed)) {
             return;
         }
         let started = Instant::now();
-        let _turn = match urgency {
-            Urgency::Demand => flow.demand_turn.lock().await,
-            Urgency::Ahead => flow.ahead_turn.lock().await,
+        let _turn = match ahead {
+            None => flow.demand_turn.lock().await,
+            Some(_) => flow.ahead_turn.lock().await,
         };
         let cap = self.refresh_cap(flow);
         let mut remaining = bytes;
@@ -542,9 +532,9 @@ impl Throttle {
                 piece = piece.min(cap.depth());
                 cap.acquire(piece).await;
             }
-            let urgency = match promoted {
-                Some(demanded) if demanded.load(Ordering::Relaxed) => Urgency::Demand,
-                _ => urgency,
+            let urgency = match ahead {
+                Some(demanded) if !demanded.load(Ordering::Relaxed) => Urgency::Ahead,
+                _ => Urgency::Demand,
             };
             self.take(flow, piece, urgency).await;
             remaining -= piece;

@@ -442,7 +442,8 @@ async fn a_demand_never_waits_behind_read_ahead_its_own_or_another_readers() {
     throttle.acquire(&reader, limit.burst).await; // drain the bucket
     let ahead = {
         let (throttle, reader) = (Arc::clone(&throttle), Arc::clone(&reader));
-        tokio::spawn(async move { throttle.acquire_as(&reader, 8 << 20, Urgency::Ahead).await })
+        let never = AtomicBool::new(false);
+        tokio::spawn(async move { throttle.acquire_ahead(&reader, 8 << 20, &never).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     // One piece of the bucket (100 KiB at 1 MiB/s) plus its own 64 KiB at
@@ -472,7 +473,9 @@ async fn read_ahead_runs_when_no_demand_waits() {
     let flow = Flow::default();
     throttle.acquire(&flow, Limit::auto(rate).burst).await;
     let started = tokio::time::Instant::now();
-    throttle.acquire_as(&flow, 4 << 20, Urgency::Ahead).await;
+    throttle
+        .acquire_ahead(&flow, 4 << 20, &AtomicBool::new(false))
+        .await;
     let took = started.elapsed().as_secs_f64();
     assert!(
         (took - 1.0).abs() < 0.05,
