@@ -6,6 +6,11 @@
 #     the peers) and, for reference, curl discarding them (-o /dev/null)
 #   the same vs `rclone mount` of the same URL (when rclone is installed)
 #   demo:// through the mount
+#   fetched/served from the mount's own counters: sequential dd, 1000 random
+#     4 KiB reads, qemu-img convert of a sparse qcow2, debugfs dumping one
+#     file from an ext4 image; a 4 KiB read's latency after a seek at
+#     rate=20M; CPU-s/GiB of the daemon beside curl's; peak RSS with 16
+#     readers at once (http, and gs:// where requests are 16 MiB)
 #   achieved/target rate at rate=20M and rate=200M (http), rate=50M (s3, moto)
 #   bandwidth control (http): `vmexportfs rate` 20M -> 60M on a running copy,
 #     priority 3:1 under contention at rate=40M, and two mounts (two
@@ -127,6 +132,110 @@ m=$(mount_vmx "$URL/manifest.json" rate=200M)
 R200=$(cat "$m/vm/disk.raw" "$m/vm/disk.raw" | dd of=/dev/null bs=1M iflag=fullblock 2>&1 | awk '/copied/ {print $1 / $(NF-3)}')
 unmount "$m"
 
+# --- fetched / served: what readers cost the link ----------------------------
+# "FETCHED SERVED" of mount $1, from its status
+totals() { "$BIN" status "$1" --json | python3 -c '
+import json, sys; t = json.load(sys.stdin)["totals"]; print(t["bytes_fetched"], t["bytes_served"])'; }
+ratio_of() { echo "$1" | awk '{printf "%.4f", ($2 > 0 ? $1 / $2 : 0)}'; }
+# the daemon serving mountpoint $1, and its CPU seconds so far
+daemon_pid() { pgrep -f "vmexportfs mount .* $1( |$)" | head -1; }
+cpu_of() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }
+
+# Sequential dd of the whole disk; CPU-s/GiB of the daemon beside curl's.
+m=$(mount_vmx "$URL/manifest.json" "")
+pid=$(daemon_pid "$m")
+cpu0=$(cpu_of "$pid")
+dd if="$m/vm/disk.raw" of=/dev/null bs=1M 2>/dev/null
+CPU_MOUNT=$(awk -v a="$cpu0" -v b="$(cpu_of "$pid")" -v s="$SIZE_MIB" 'BEGIN {print (b - a) * 1024 / s}')
+OF_DD=$(ratio_of "$(totals "$m")")
+unmount "$m"
+CPU_CURL=$(python3 - "$URL/disk.raw" "$SIZE_MIB" <<'PY'
+import resource, subprocess, sys
+subprocess.run(["curl", "-s", "-o", "/dev/null", sys.argv[1]], check=True)
+r = resource.getrusage(resource.RUSAGE_CHILDREN)
+print((r.ru_utime + r.ru_stime) * 1024 / int(sys.argv[2]))
+PY
+)
+
+# 1000 random 4 KiB reads over the disk (a file-level restore, a guest
+# inspection): each isolated read should cost its own page, not a block.
+m=$(mount_vmx "$URL/manifest.json" "")
+python3 - "$m/vm/disk.raw" <<'PY'
+import os, random, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+pages = os.fstat(fd).st_size // 4096
+rng = random.Random(7)
+for _ in range(1000):
+    assert len(os.pread(fd, 4096, rng.randrange(pages) * 4096)) == 4096
+PY
+OF_RANDOM=$(ratio_of "$(totals "$m")")
+unmount "$m"
+
+# qemu-img convert of a sparse qcow2 (32 MiB of data in 1 GiB) off the mount,
+# and debugfs pulling one 10 MiB file out of an ext4 image on it.
+truncate -s 1G "$WORK/sparse.raw"
+for i in $(seq 0 15); do
+    dd if=/dev/urandom of="$WORK/sparse.raw" bs=1M count=2 seek=$((i * 64)) conv=notrunc 2>/dev/null
+done
+qemu-img convert -f raw -O qcow2 "$WORK/sparse.raw" "$WORK/www/sparse.qcow2"
+head -c 10M /dev/urandom > "$WORK/f10"
+truncate -s 256M "$WORK/www/fs.img"
+mkfs.ext4 -q -F "$WORK/www/fs.img"
+debugfs -w -R "write $WORK/f10 f" "$WORK/www/fs.img" >/dev/null 2>&1
+echo '{"vms":[{"name":"vm","disks":[{"name":"sparse.qcow2","url":"sparse.qcow2"},{"name":"fs.img","url":"fs.img"}]}]}' > "$WORK/www/images.json"
+m=$(mount_vmx "$URL/images.json" "")
+qemu-img convert -f qcow2 -O raw "$m/vm/sparse.qcow2" "$WORK/sparse.out"
+cmp -s "$WORK/sparse.raw" "$WORK/sparse.out" && QEMU_SAME=identical || QEMU_SAME=DIFFERENT
+OF_QEMU=$(ratio_of "$(totals "$m")")
+QCOW_BYTES=$(stat -c %s "$WORK/www/sparse.qcow2")
+unmount "$m"
+rm -f "$WORK/sparse.out" "$WORK/sparse.raw"
+m=$(mount_vmx "$URL/images.json" "")
+debugfs -R "dump /f $WORK/f10.out" "$m/vm/fs.img" >/dev/null 2>&1
+cmp -s "$WORK/f10" "$WORK/f10.out" && DEBUGFS_SAME=identical || DEBUGFS_SAME=DIFFERENT
+DEBUGFS_FETCHED=$(totals "$m" | awk '{print $1}')
+unmount "$m"
+
+# A demand read after a seek at rate=20M, while the reader's read-ahead runs:
+# the worst of 5, beside a 4 KiB ranged GET straight from nginx.
+m=$(mount_vmx "$URL/manifest.json" rate=20M)
+SEEK_LAT=$(python3 - "$m/vm/disk.raw" <<'PY'
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+worst = 0
+for i in range(5):
+    at = i * (size // 5)
+    until = time.monotonic() + 1.5
+    while time.monotonic() < until:
+        os.pread(fd, 1 << 20, at)
+        at += 1 << 20
+    far = (at + size // 2) % (size - 4096) // 4096 * 4096
+    start = time.monotonic()
+    os.pread(fd, 4096, far)
+    worst = max(worst, time.monotonic() - start)
+print(worst)
+PY
+)
+unmount "$m"
+RANGE_GET=$(for _ in 1 2 3; do curl -s -o /dev/null -r 4096-8191 -w '%{time_total}\n' "$URL/disk.raw"; done | sort -g | tail -1)
+
+# Peak RSS of a mount with cache=64M while 16 readers each copy a stripe of
+# the disk at once: mount SOURCE $1, options $2, file $3.
+rss16() {
+    local m pid readers=()
+    m=$(mount_vmx "$1" "cache=64M${2:+,$2}")
+    pid=$(daemon_pid "$m")
+    for i in $(seq 0 15); do
+        dd if="$m/$3" of=/dev/null bs=1M skip=$((i * SIZE_MIB / 16)) count=$((SIZE_MIB / 16)) 2>/dev/null &
+        readers+=($!)
+    done
+    wait "${readers[@]}"
+    awk '/VmHWM/ {print $2 * 1024}' "/proc/$pid/status"
+    unmount "$m"
+}
+RSS16_HTTP=$(rss16 "$URL/manifest.json" "" vm/disk.raw)
+
 # S3 through moto (when installed): achieved/target at rate=50M over 32
 # passes of a 16 MiB object. moto copies the whole object for every ranged
 # GET, so a larger object measures moto's copying, not the limit.
@@ -217,7 +326,7 @@ curl_url_to_reader() {
 THROTTLE_MIB=$((SIZE_MIB < 500 ? SIZE_MIB : 500))
 
 # GCS through fake-gcs-server (when installed).
-GS_CURL= GS_MOUNT= R50GS=
+GS_CURL= GS_MOUNT= R50GS= RSS16_GS=
 if command -v fake-gcs-server >/dev/null; then
     GCS_PORT=$(free_port)
     mkdir -p "$WORK/gcs"
@@ -241,6 +350,7 @@ if command -v fake-gcs-server >/dev/null; then
     m=$(mount_vmx gs://bench "endpoint=$GCS,anonymous,rate=50M")
     R50GS=$(dd_rate "$m/disk.raw" "$THROTTLE_MIB")
     unmount "$m"
+    RSS16_GS=$(rss16 gs://bench "endpoint=$GCS,anonymous" disk.raw)
     kill "$GCS_PID"
 fi
 
@@ -338,6 +448,10 @@ SOAK_RSS=$(soak_field peak_rss) SOAK_CACHE=$(soak_field cache)
 awk -v curl="$CURL" -v curlnull="$CURL_NULL" -v mnt="$MOUNT" -v rclone="$RCLONE" -v demo="$DEMO" \
     -v soaksecs="$SOAK_SECS" -v soakbytes="$SOAK_BYTES" -v soakreads="$SOAK_READS" \
     -v soakfaults="$SOAK_FAULTS" -v soakrss="$SOAK_RSS" -v soakcache="$SOAK_CACHE" \
+    -v ofdd="$OF_DD" -v ofrandom="$OF_RANDOM" -v ofqemu="$OF_QEMU" -v qemusame="$QEMU_SAME" \
+    -v qcowbytes="$QCOW_BYTES" -v debugfsfetched="$DEBUGFS_FETCHED" -v debugfssame="$DEBUGFS_SAME" \
+    -v seeklat="$SEEK_LAT" -v rangeget="$RANGE_GET" -v cpumount="$CPU_MOUNT" -v cpucurl="$CPU_CURL" \
+    -v rss16http="$RSS16_HTTP" -v rss16gs="$RSS16_GS" \
     -v r20="$R20" -v r200="$R200" -v r50s3="$R50S3" -v runs="$RUNS" -v size="$SIZE_MIB" \
     -v gscurl="$GS_CURL" -v gsmount="$GS_MOUNT" -v r50gs="$R50GS" \
     -v azcurl="$AZ_CURL" -v azmount="$AZ_MOUNT" -v r50az="$R50AZ" \
@@ -363,7 +477,8 @@ BEGIN {
     printf "| mount, http://, no limit (dd bs=1M) | %.0f MB/s | | |\n", mnt / mb
     printf "| mount / curl into a reader | %.2f | >= 0.80 | %s |\n", mnt / curl, (mnt / curl >= 0.8 ? "ok" : "MISS")
     printf "| curl -o /dev/null (bytes reach no reader) | %.0f MB/s | | |\n", curlnull / mb
-    printf "| mount / curl -o /dev/null | %.2f | (reference) | |\n", mnt / curlnull
+    printf "| mount / curl -o /dev/null | %.2f | >= 0.80 | %s |\n", mnt / curlnull, (mnt / curlnull >= 0.8 ? "ok" : "MISS")
+    printf "| CPU-s/GiB: mount daemon / curl -o /dev/null | %.3f / %.3f | (reference) | |\n", cpumount, cpucurl
     if (rclone != "") {
         printf "| rclone mount, same URL | %.0f MB/s | | |\n", rclone / mb
         printf "| mount / rclone | %.2f | >= 2.00 | %s |\n", mnt / rclone, (mnt / rclone >= 2 ? "ok" : "MISS")
@@ -371,6 +486,15 @@ BEGIN {
         printf "| rclone mount | not installed | | |\n"
     }
     printf "| demo:// through the mount | %.0f MB/s | | |\n", demo / mb
+    printf "| fetched/served: sequential dd of the disk | %.4f | <= 1.02 | %s |\n", ofdd, (ofdd <= 1.02 ? "ok" : "MISS")
+    printf "| fetched/served: 1000 random 4 KiB reads | %.2f | <= 4 | %s |\n", ofrandom, (ofrandom <= 4 ? "ok" : "MISS")
+    printf "| fetched/served: qemu-img convert, sparse qcow2 (%.0f MiB file, output %s) | %.4f | <= 1.1 | %s |\n", qcowbytes / 1048576, qemusame, ofqemu, (ofqemu <= 1.1 && qemusame == "identical" ? "ok" : "MISS")
+    printf "| debugfs dump of a 10 MiB file from an ext4 image: fetched / file (%s) | %.2f | <= 3 | %s |\n", debugfssame, debugfsfetched / 10485760, (debugfsfetched <= 3 * 10485760 && debugfssame == "identical" ? "ok" : "MISS")
+    seektarget = 1048576 / (20 * 1048576) + rangeget
+    printf "| rate=20M: 4 KiB read after a seek, worst of 5 | %.0f ms | <= %.0f ms (1 MiB piece at 20M + a 4 KiB GET) | %s |\n", seeklat * 1000, seektarget * 1000, (seeklat <= seektarget ? "ok" : "MISS")
+    printf "| 16 readers at once, cache=64M, http: peak RSS / (cache + 64 MiB) | %.2f (%.0f MiB) | <= 1.00 | %s |\n", rss16http / (128 * 1048576), rss16http / 1048576, (rss16http <= 128 * 1048576 ? "ok" : "MISS")
+    if (rss16gs != "")
+        printf "| 16 readers at once, cache=64M, gs:// (16 MiB requests): peak RSS / (cache + 64 MiB) | %.2f (%.0f MiB) | <= 1.00 | %s |\n", rss16gs / (128 * 1048576), rss16gs / 1048576, (rss16gs <= 128 * 1048576 ? "ok" : "MISS")
     t20 = 20 * 1048576; t200 = 200 * 1048576
     printf "| rate=20M achieved/target | %.4f (%.0f B/s) | 0.98-1.02 | %s |\n", r20 / t20, r20, (r20 / t20 >= 0.98 && r20 / t20 <= 1.02 ? "ok" : "MISS")
     printf "| rate=200M achieved/target | %.4f (%.0f B/s) | 0.98-1.02 | %s |\n", r200 / t200, r200, (r200 / t200 >= 0.98 && r200 / t200 <= 1.02 ? "ok" : "MISS")

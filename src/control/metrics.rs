@@ -131,14 +131,20 @@ pub fn render(controller: &Controller) -> String {
     m.one(
         "vmexportfs_cache_hits_total",
         "counter",
-        "Block lookups served from the cache.",
+        "Parts of reads found fetched or in flight.",
         load(&stats.cache_hits),
     );
     m.one(
         "vmexportfs_cache_misses_total",
         "counter",
-        "Block lookups that needed a fetch.",
+        "Fetches started, for reads and ahead of them.",
         load(&stats.cache_misses),
+    );
+    m.one(
+        "vmexportfs_cache_bytes",
+        "gauge",
+        "Memory reserved for fetched data (read, read ahead, or in flight), of cache=.",
+        read_path.cache_bytes() as f64,
     );
     m.one(
         "vmexportfs_fetches_in_flight",

@@ -411,6 +411,7 @@ impl Controller {
                     / 1e9,
                 open_files: read_path.open_files() as u64,
                 fetches_in_flight: stats.fetches_in_flight.load(Ordering::Relaxed),
+                cache_bytes: read_path.cache_bytes(),
             },
             files,
         }

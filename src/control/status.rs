@@ -63,6 +63,9 @@ pub struct Totals {
     pub throttle_wait_seconds: f64,
     pub open_files: u64,
     pub fetches_in_flight: u64,
+    /// Memory reserved for fetched data now, of `cache=`.
+    #[serde(default)]
+    pub cache_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

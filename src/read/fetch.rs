@@ -1,13 +1,12 @@
-//! Fetching: one provider request for a run of blocks, charged to the
+//! Fetching: one provider request for one extent, charged to the
 //! throttle for exactly the bytes asked for, retried within the time
-//! budget, checked for length, and landed in the cache.
+//! budget, checked for length, and landed in the extent map.
 //!
 //! Each fetch runs in its own task under its file's cancellation token, so
 //! a closed file or a killed reader stops its fetches, queued or running.
 //! A fetch that panics fails only the reads waiting on it (EIO): its
-//! blocks leave the in-flight map all the same ([`super::flight::Landing`]).
+//! extent leaves the map all the same ([`Landing`]).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -15,20 +14,12 @@ use bytes::Bytes;
 use futures::future::FutureExt;
 use tokio_util::sync::CancellationToken;
 
-use super::cache::BlockKey;
-use super::flight::{FetchError, Flight, Landing, SharedFetch};
+use super::extents::{ExtentKey, Extents, FetchError, Inner, SharedFetch, State};
 use super::retry::Budget;
 use super::{FileReader, InFlight, ReadPath};
 use crate::provider::ProviderError;
 
-/// Block `i` of a span fetched from a block boundary (a slice, no copy).
-pub(super) fn block_of(span: &Bytes, i: u64, block_size: u64) -> Bytes {
-    let start = ((i * block_size) as usize).min(span.len());
-    let end = (((i + 1) * block_size) as usize).min(span.len());
-    span.slice(start..end)
-}
-
-/// Shared zeros for blocks in holes (in .bss: no memory until read).
+/// Shared zeros for holes (in .bss: no memory until read).
 static ZEROS: [u8; 4 << 20] = [0; 4 << 20];
 
 pub(super) fn zeros(len: usize) -> Bytes {
@@ -39,64 +30,86 @@ pub(super) fn zeros(len: usize) -> Bytes {
     }
 }
 
+/// Lands a fetch's extent, or takes it out of the map however the task
+/// ends without bytes (error, cancellation, panic): no read can find an
+/// extent whose fetch is gone.
+struct Landing<'a> {
+    extents: &'a Extents,
+    key: ExtentKey,
+    id: u64,
+    ahead: bool,
+    landed: bool,
+}
+
+impl Landing<'_> {
+    fn land(mut self, bytes: Bytes) {
+        self.landed = true;
+        self.extents
+            .lock()
+            .land(self.key, self.id, bytes, self.ahead);
+    }
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        if !self.landed {
+            self.extents.lock().abandon(self.key, self.id);
+        }
+    }
+}
+
 impl ReadPath {
-    /// Starts one fetch of `count` blocks from `first` and registers each
-    /// block's share of it as in flight (under the caller's lock, so that
-    /// the task's own removal always comes after the insertion); returns
-    /// the first block's. Read-ahead passes its reader's run: a seek that
-    /// cancels the run drops the fetch if no tokens were taken for it yet
-    /// and no read waits for it.
+    /// Starts one fetch of `[start, end)` and registers it in `map` (whose
+    /// lock the caller holds, so the task's landing always comes after the
+    /// registration); the caller has made room for it. Read-ahead passes
+    /// its reader's run: a seek that cancels the run drops the fetch if no
+    /// tokens were taken for it yet and no read waits for it.
     pub(super) fn start_fetch(
         self: &Arc<Self>,
-        inflight: &mut HashMap<BlockKey, Flight>,
+        map: &mut Inner,
         reader: &Arc<FileReader>,
-        first: u64,
-        count: u64,
+        start: u64,
+        end: u64,
         run: Option<&CancellationToken>,
     ) -> SharedFetch {
         let this = Arc::clone(self);
         let owner = Arc::clone(reader);
         let demanded = Arc::new(AtomicBool::new(run.is_none()));
+        let ahead = run.is_some();
         let run = run.cloned();
         let wanted = Arc::clone(&demanded);
-        let block_size = self.config.block_size;
-        let file = reader.key;
+        let key = ExtentKey {
+            file: reader.key,
+            start,
+        };
+        let id = map.allocate_id();
         let task = tokio::spawn(async move {
-            // Dropped last, after the cache holds the blocks: a miss never
-            // finds neither.
-            let _landing = Landing {
-                flights: &this.inflight,
-                file,
-                first,
-                count,
+            let landing = Landing {
+                extents: &this.extents,
+                key,
+                id,
+                ahead,
+                landed: false,
             };
             let result = tokio::select! {
                 biased;
                 _ = owner.cancel.cancelled() => Err(FetchError::Cancelled),
-                result = this.fetch_span(&owner, first, count, run.as_ref(), &wanted) => result,
+                result = this.fetch_span(&owner, start, end - start, run.as_ref(), &wanted) => result,
             };
-            if let Ok(span) = &result {
-                for i in 0..count {
-                    this.cache.insert(
-                        BlockKey {
-                            file,
-                            index: first + i,
-                        },
-                        block_of(span, i, block_size),
-                    );
-                }
+            if let Ok(bytes) = &result {
+                landing.land(bytes.clone());
             }
             result
         });
         // The reader, not a copy of its path: no allocation per fetch for
         // a log line that a panic alone needs.
         let reader = Arc::clone(reader);
-        let whole = async move {
+        let fetch = async move {
             match task.await {
                 Ok(result) => result,
                 Err(err) if err.is_panic() => {
                     // The panic hook has logged where; say which read.
-                    tracing::error!(path = %reader.path, first, count, "a fetch panicked: its reads fail with EIO");
+                    tracing::error!(path = %reader.path, start, end, "a fetch panicked: its reads fail with EIO");
                     Err(FetchError::Failed(Arc::new(ProviderError::Internal(
                         "the fetch panicked (see the log)".into(),
                     ))))
@@ -104,51 +117,34 @@ impl ReadPath {
                 Err(_) => Err(FetchError::Cancelled),
             }
         }
-        .boxed();
-        let flight = |fetch: SharedFetch| Flight {
-            fetch,
-            demanded: Arc::clone(&demanded),
-        };
-        if count == 1 {
-            let fetch = whole.shared();
-            inflight.insert(BlockKey { file, index: first }, flight(fetch.clone()));
-            return fetch;
-        }
-        let whole = whole.shared();
-        let share = |i: u64| {
-            whole
-                .clone()
-                .map(move |result| result.map(|span| block_of(&span, i, block_size)))
-                .boxed()
-                .shared()
-        };
-        for i in 1..count {
-            inflight.insert(
-                BlockKey {
-                    file,
-                    index: first + i,
-                },
-                flight(share(i)),
-            );
-        }
-        let fetch = share(0);
-        inflight.insert(BlockKey { file, index: first }, flight(fetch.clone()));
+        .boxed()
+        .shared();
+        map.insert(
+            key.file,
+            start,
+            end,
+            id,
+            State::Pending {
+                fetch: fetch.clone(),
+                demanded,
+            },
+        );
         fetch
     }
 
-    /// `count` blocks from `first`, in one provider request; read-ahead
-    /// (`run` given) is dropped when the run goes stale before it is
-    /// charged, unless a read came to wait for it.
+    /// `len` bytes at `start`, in one provider request; read-ahead (`run`
+    /// given) is dropped when the run goes stale before it is charged,
+    /// unless a read came to wait for it.
     async fn fetch_span(
         &self,
         reader: &FileReader,
-        first: u64,
-        count: u64,
+        start: u64,
+        len: u64,
         run: Option<&CancellationToken>,
         demanded: &AtomicBool,
     ) -> Result<Bytes, FetchError> {
         let charged = AtomicBool::new(false);
-        let work = self.fetch_charged(reader, first, count, run.is_some(), demanded, &charged);
+        let work = self.fetch_charged(reader, start, len, run.is_some(), demanded, &charged);
         let Some(run) = run else {
             return work.await;
         };
@@ -169,32 +165,12 @@ impl ReadPath {
     async fn fetch_charged(
         &self,
         reader: &FileReader,
-        first: u64,
-        count: u64,
+        start: u64,
+        len: u64,
         ahead: bool,
         demanded: &AtomicBool,
         charged: &AtomicBool,
     ) -> Result<Bytes, FetchError> {
-        let offset = first * self.config.block_size;
-        let block_len = (count * self.config.block_size).min(reader.size - offset);
-        // A span that is partly hole: only from its first data byte to its
-        // last is fetched and charged; the rest is zeros.
-        let span = reader.data.data_span(offset, offset + block_len);
-        let len = span.end - span.start;
-        // Read-ahead buffers come from the slots. A run is at most half the
-        // window, which is at most half the cache (three quarters of
-        // `memory`), so it never asks for more slots than the `memory / 4`
-        // there are. A demand never waits behind read-ahead for a slot: its
-        // buffer is one read's, and the kernel bounds the reads in flight.
-        let _slots = match ahead {
-            true => Some(
-                self.fetch_slots
-                    .acquire_many(count as u32)
-                    .await
-                    .map_err(|_| FetchError::Cancelled)?,
-            ),
-            false => None,
-        };
         self.stats.fetches_in_flight.fetch_add(1, Ordering::Relaxed);
         let _in_flight = InFlight(&self.stats.fetches_in_flight);
         let result = self
@@ -221,18 +197,13 @@ impl ReadPath {
                         .calls
                         .timed(
                             "read",
-                            self.provider.read(
-                                &reader.disk,
-                                &reader.pinned,
-                                span.start,
-                                len as usize,
-                            ),
+                            self.provider
+                                .read(&reader.disk, &reader.pinned, start, len as usize),
                         )
                         .await?;
                     if data.len() as u64 != len {
                         return Err(ProviderError::Protocol(format!(
-                            "asked for {len} bytes at {}, got {}",
-                            span.start,
+                            "asked for {len} bytes at {start}, got {}",
                             data.len()
                         )));
                     }
@@ -243,15 +214,9 @@ impl ReadPath {
         match result {
             Ok(data) => {
                 self.stats.bytes_fetched.fetch_add(len, Ordering::Relaxed);
-                if len == block_len {
-                    return Ok(data);
-                }
-                let mut block = vec![0u8; block_len as usize];
-                let at = (span.start - offset) as usize;
-                block[at..at + data.len()].copy_from_slice(&data);
-                Ok(Bytes::from(block))
+                Ok(data)
             }
-            Err(err) => Err(self.failed(reader, span.start, len, err)),
+            Err(err) => Err(self.failed(reader, start, len, err)),
         }
     }
 

@@ -65,6 +65,23 @@ impl DataMap {
         }
     }
 
+    /// The first stretch of `[from, end)` worth one request: from its
+    /// first data byte on, across holes shorter than `merge` (two requests
+    /// would cost more than fetching the zeros), to the data's end.
+    pub fn next_run(&self, from: u64, end: u64, merge: u64) -> Option<Range<u64>> {
+        let start = self.next_data(from).filter(|&at| at < end)?;
+        let mut until = self.next_hole(start).unwrap_or(end).min(end);
+        while until < end {
+            match self.next_data(until) {
+                Some(data) if data < end && data - until <= merge => {
+                    until = self.next_hole(data).unwrap_or(end).min(end);
+                }
+                _ => break,
+            }
+        }
+        Some(start..until)
+    }
+
     /// SEEK_DATA: the first offset ≥ `offset` that holds data.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
         if offset >= self.size {
@@ -141,6 +158,23 @@ mod tests {
             prop_assert_eq!(map.next_data(a), if a < size { next_data } else { None });
             let next_hole = (a..size).find(|&at| !is_data(&ranges, at)).unwrap_or(size);
             prop_assert_eq!(map.next_hole(a), (a < size).then_some(next_hole));
+            // Runs cover every data byte of [start, end) once, in order,
+            // and bridge only holes of at most `merge` bytes.
+            let merge = 5;
+            let mut covered = Vec::new();
+            let mut at = start;
+            while let Some(run) = map.next_run(at, end, merge) {
+                prop_assert!(run.start >= at && run.end <= end && run.start < run.end);
+                prop_assert!(is_data(&ranges, run.start) && is_data(&ranges, run.end - 1));
+                let mut hole = 0;
+                for byte in run.clone() {
+                    hole = if is_data(&ranges, byte) { 0 } else { hole + 1 };
+                    prop_assert!(hole <= merge);
+                }
+                covered.extend(run.clone().filter(|&byte| is_data(&ranges, byte)));
+                at = run.end;
+            }
+            prop_assert_eq!(covered, truth);
         }
     }
 

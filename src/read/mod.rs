@@ -1,31 +1,32 @@
-//! The read path: block cache, read-ahead, single flight, cancellation.
+//! The read path: extent map, access pattern, read-ahead, single flight,
+//! cancellation.
 //!
-//! Every `read()` is served from fixed-size blocks. A block is either in the
-//! [`BlockCache`], in a hole ([`holes`]: zeros, never fetched), being
-//! fetched (the fetch is shared: concurrent misses on one block wait on the
-//! same fetch — [`flight`]), or fetched now ([`fetch`]). A fetch takes
-//! tokens from the mount's throttle for exactly the bytes it asks the
-//! provider for, then reads them, retrying transient faults within the
-//! mount's time budget ([`retry`]).
+//! A `read()` is served from the [`extents`] that cover it: ranges fetched
+//! earlier at the size they were fetched, ready or still being fetched (a
+//! read joins the fetch in flight instead of starting its own). The parts
+//! no extent covers are holes ([`holes`]: zeros, never fetched) or are
+//! fetched now ([`fetch`]): each fetch takes tokens from the mount's
+//! throttle for exactly the bytes it asks the provider for, then reads
+//! them, retrying transient faults within the mount's time budget
+//! ([`retry`]).
 //!
-//! Sequential readers get read-ahead ([`prefetch::Sequential`]): blocks past
-//! the one asked for are fetched in background tasks so that several fetches
-//! overlap; the kernel's own read-ahead adds more. The window is bounded by
-//! memory (fetch buffers come from a fixed budget and the cache holds the
-//! rest) and, when throttled, by what the reader's share of the rate
-//! delivers in half a second, so prefetched bytes never pile up while
-//! readers wait for tokens.
+//! How much a miss fetches follows the reader's [`pattern`]: a read out of
+//! order fetches its own range rounded to 4 KiB (wider for reads that stay
+//! near each other), and only a run of reads in order gets read-ahead, in
+//! large requests, its window growing with the run. Read-ahead reserves its
+//! memory from the `cache=` budget before it is issued and shrinks when the
+//! budget is short; a lone sequential reader's extents are dropped once it
+//! has read past them, so memory holds what is ahead of readers.
 //!
 //! Each open file owns a cancellation token, a child of the mount's. Its
 //! fetches run under it: closing the file, killing the reader or unmounting
 //! cancels them, including their place in the throttle queue.
 
-pub mod cache;
 pub mod calls;
+pub mod extents;
 mod fetch;
-mod flight;
 pub mod holes;
-pub mod prefetch;
+pub mod pattern;
 pub mod retry;
 
 use std::collections::HashMap;
@@ -35,35 +36,29 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::Semaphore;
+use futures::future::{BoxFuture, FutureExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::FsError;
 use crate::provider::{DiskEntry, Pinned, Provider, ProviderError, Version};
 use crate::throttle::priority::Priorities;
 use crate::throttle::{Flow, Throttle};
-use cache::{BlockCache, BlockKey};
 use calls::ProviderCalls;
+use extents::{Cover, Extents, FetchError, Inner};
 use fetch::zeros;
-use flight::{FetchError, Flights, SharedFetch};
 use holes::DataMap;
-use prefetch::Sequential;
+use pattern::{Pattern, PAGE};
 use retry::{Budget, RetryPolicy};
 
 #[derive(Debug, Clone)]
 pub struct ReadConfig {
-    /// Unit of fetching and caching. Kernel requests are at most 1 MiB, so
-    /// a 2 MiB block serves most reads as a slice without copying, while
-    /// halving the provider requests per GiB against 1 MiB blocks (measured
-    /// faster over HTTP; 4 MiB was no faster and coarser for the throttle).
-    pub block_size: u64,
-    /// Memory for cached and in-flight data, all files together.
+    /// Memory for fetched and in-flight data, all files together.
     pub memory: u64,
     /// Read-ahead ceiling per file: past a few dozen MiB more overlap buys
     /// nothing on any link we have measured, it only holds memory.
     pub max_window: u64,
-    /// Read-ahead of a sequential reader goes out in requests of up to the
-    /// provider's preferred size, capped by this (whole blocks).
+    /// Read-ahead goes out in requests of up to the provider's preferred
+    /// size, capped by this.
     pub max_request: u64,
     /// Retries and the time budget of every provider call.
     pub retry: RetryPolicy,
@@ -72,7 +67,6 @@ pub struct ReadConfig {
 impl Default for ReadConfig {
     fn default() -> Self {
         ReadConfig {
-            block_size: 2 << 20,
             memory: crate::options::DEFAULT_CACHE,
             max_window: 32 << 20,
             max_request: 16 << 20,
@@ -81,17 +75,26 @@ impl Default for ReadConfig {
     }
 }
 
+/// Read-ahead request size for providers without a preference.
+const DEFAULT_REQUEST: u64 = 2 << 20;
+
+/// Holes shorter than this inside a fetch are fetched with it: a second
+/// request costs more than the zeros.
+const MERGE_HOLES: u64 = 64 << 10;
+
 /// Counters of the mount's read path.
 #[derive(Debug, Default)]
 pub struct Stats {
     pub bytes_fetched: AtomicU64,
     pub bytes_served: AtomicU64,
+    /// Parts of reads served from extents already fetched or in flight.
     pub cache_hits: AtomicU64,
+    /// Fetches started (for a read, or ahead of one).
     pub cache_misses: AtomicU64,
     pub fetches: AtomicU64,
     pub fetch_errors: AtomicU64,
     pub retries: AtomicU64,
-    /// Blocks served as zeros from a hole, never fetched.
+    /// Parts of reads served as zeros from a hole, never fetched.
     pub hole_blocks: AtomicU64,
     /// Fetches running now (in the throttle queue or at the provider).
     pub fetches_in_flight: AtomicU64,
@@ -114,9 +117,54 @@ impl Opener {
     }
 }
 
-enum Lookup {
-    Ready(Bytes),
-    Pending(SharedFetch),
+/// Part of a read: bytes in hand, the extent being fetched that holds
+/// `[from, to)`, or (only while the read is planned) a gap.
+type Part = Cover;
+
+/// A read's parts in order; most reads have one, kept without a list.
+#[derive(Default)]
+struct Parts {
+    first: Option<Part>,
+    rest: Vec<Part>,
+}
+
+impl Parts {
+    fn push(&mut self, part: Part) {
+        match self.first {
+            None => self.first = Some(part),
+            Some(_) => self.rest.push(part),
+        }
+    }
+
+    fn has_gaps(&self) -> bool {
+        self.iter().any(|part| matches!(part, Part::Gap { .. }))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Part> {
+        self.first.iter().chain(&self.rest)
+    }
+
+    fn into_list(self) -> impl Iterator<Item = Part> {
+        self.first.into_iter().chain(self.rest)
+    }
+
+    /// The read's bytes when every part is in hand: one part is itself
+    /// (a slice of its extent, no copy), several are joined.
+    fn ready(&self, len: usize) -> Option<Bytes> {
+        if let (Some(Part::Ready(bytes)), true) = (&self.first, self.rest.is_empty()) {
+            return Some(bytes.clone());
+        }
+        if !self.iter().all(|part| matches!(part, Part::Ready(_))) {
+            return None;
+        }
+        let mut out = BytesMut::with_capacity(len);
+        for part in self.iter() {
+            if let Part::Ready(bytes) = part {
+                out.extend_from_slice(bytes);
+            }
+        }
+        Some(out.freeze())
+    }
 }
 
 /// A read that has started: its data, or the fetches it waits for.
@@ -128,52 +176,29 @@ pub enum Started {
 pub struct PendingRead {
     path: Arc<ReadPath>,
     reader: Arc<FileReader>,
-    offset: u64,
-    end: u64,
-    first: u64,
-    /// The first block's lookup, then the rest's: a read inside one block,
-    /// the common case, needs no list.
-    first_lookup: Lookup,
-    rest: Vec<Lookup>,
+    len: usize,
+    parts: Parts,
 }
 
 impl PendingRead {
-    /// Waits for the blocks and cuts the asked-for range out of them; a
-    /// range inside one block is a slice of it, not a copy.
+    /// Waits for the fetches and joins the parts; a read inside one extent
+    /// is a slice of it, not a copy.
     pub async fn finish(self) -> Result<Bytes, FsError> {
         let PendingRead {
             path,
             reader,
-            offset,
-            end,
-            first,
-            first_lookup,
-            rest,
+            len,
+            parts,
         } = self;
-        let base = first * path.config.block_size;
-        let first_block = path.resolve(&reader, first, first_lookup).await?;
-        if rest.is_empty() {
-            return Ok(path.cut(
-                &reader,
-                std::slice::from_ref(&first_block),
-                base,
-                offset,
-                end,
-            ));
-        }
-        let mut blocks = Vec::with_capacity(rest.len() + 1);
-        blocks.push(first_block);
-        for (index, lookup) in (first + 1..).zip(rest) {
-            blocks.push(path.resolve(&reader, index, lookup).await?);
-        }
-        Ok(path.cut(&reader, &blocks, base, offset, end))
+        let data = path.resolve_all(&reader, parts, len, 0).await?;
+        Ok(path.served(&reader, data))
     }
 }
 
-/// A reader's sequential state and the token of its current run: a seek
+/// A reader's access pattern and the token of its current run: a seek
 /// cancels the run's read-ahead that has not yet been charged.
 struct ReadAhead {
-    sequential: Sequential,
+    pattern: Pattern,
     run: CancellationToken,
 }
 
@@ -254,14 +279,10 @@ pub struct ReadPath {
     provider: Arc<dyn Provider>,
     throttle: Arc<Throttle>,
     priorities: RwLock<Priorities>,
-    cache: BlockCache,
-    inflight: Flights,
-    /// Bounds the buffers of fetches in flight, one permit per block.
-    fetch_slots: Arc<Semaphore>,
+    extents: Extents,
     config: ReadConfig,
     /// Bytes per read-ahead request: the provider's preference, capped.
     max_request: u64,
-    cache_capacity: u64,
     open_files: AtomicUsize,
     readers_per_version: Mutex<HashMap<u64, Arc<AtomicUsize>>>,
     shutdown: CancellationToken,
@@ -287,24 +308,18 @@ impl ReadPath {
         throttle: Arc<Throttle>,
         config: ReadConfig,
     ) -> Arc<Self> {
-        // A quarter of the memory for buffers being filled, the rest for
-        // blocks ready to serve (read-ahead lands there too).
-        let slots = (config.memory / 4 / config.block_size).max(2);
-        let cache_capacity = config
-            .memory
-            .saturating_sub(slots * config.block_size)
-            .max(config.block_size);
-        let max_request = provider.preferred_request_size().min(config.max_request);
+        let max_request = match provider.preferred_request_size() {
+            0 => DEFAULT_REQUEST,
+            preferred => preferred,
+        }
+        .min(config.max_request);
         Arc::new(ReadPath {
             provider,
             throttle,
             priorities: RwLock::new(Priorities::default()),
-            cache: BlockCache::new(cache_capacity),
-            inflight: Flights::default(),
-            fetch_slots: Arc::new(Semaphore::new(slots as usize)),
+            extents: Extents::new(config.memory),
             max_request,
             config,
-            cache_capacity,
             open_files: AtomicUsize::new(0),
             readers_per_version: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
@@ -332,6 +347,11 @@ impl ReadPath {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .weight_for(path)
+    }
+
+    /// Memory reserved for fetched data now (pending and ready extents).
+    pub fn cache_bytes(&self) -> u64 {
+        self.extents.bytes()
     }
 
     pub fn open_files(&self) -> usize {
@@ -377,7 +397,7 @@ impl ReadPath {
             path,
             cancel,
             read_ahead: Mutex::new(ReadAhead {
-                sequential: Sequential::default(),
+                pattern: Pattern::default(),
                 run,
             }),
             flow,
@@ -397,24 +417,22 @@ impl ReadPath {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if reader.readers_of_version.fetch_sub(1, Ordering::Relaxed) == 1 {
             readers.remove(&reader.key);
+            drop(readers);
+            self.extents.lock().orphan(reader.key);
         }
     }
 
     fn max_window(&self) -> u64 {
         let readers = self.open_files.load(Ordering::Relaxed).max(1) as u64;
-        let by_memory = self.cache_capacity / (2 * readers);
+        let by_memory = self.config.memory / (2 * readers);
         // Half a second of each reader's share of the rate: enough to keep
         // fetches overlapping, little enough that bytes fetched ahead do not
         // sit in memory while the reader waits for tokens.
         let by_rate = match self.throttle.planning_rate() {
             u64::MAX => u64::MAX,
-            rate => (rate / 2 / readers).max(2 * self.config.block_size),
+            rate => (rate / 2 / readers).max(2 << 20),
         };
-        self.config
-            .max_window
-            .min(by_memory)
-            .min(by_rate)
-            .max(self.config.block_size)
+        self.config.max_window.min(by_memory).min(by_rate).max(PAGE)
     }
 
     /// Up to `size` bytes at `offset`; fewer only at the end of the file.
@@ -430,7 +448,7 @@ impl ReadPath {
         }
     }
 
-    /// Starts a read without waiting: when every block is cached the data
+    /// Starts a read without waiting: when every part is in hand the data
     /// is ready at once (the caller answers the kernel on its own thread,
     /// saving a task hand-off), otherwise the fetches are under way and
     /// [`PendingRead::finish`] waits for them. Needs a tokio context.
@@ -438,119 +456,65 @@ impl ReadPath {
         if offset >= reader.size || size == 0 {
             return Started::Ready(Bytes::new());
         }
-        let block_size = self.config.block_size;
         let end = (offset + u64::from(size)).min(reader.size);
-        let first = offset / block_size;
-        let last = (end - 1) / block_size;
         let max_window = self.max_window();
-        // Half the window per request keeps two requests overlapping.
-        let run_blocks = (self.max_request.min(max_window / 2) / block_size).max(1);
-        let (ahead, done, run) = {
-            let file_blocks = reader.size.div_ceil(block_size);
+        let (plan, run) = {
             let mut state = reader
                 .read_ahead
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let ahead = state.sequential.on_read(
+            let plan = state.pattern.on_read(
                 offset,
                 end - offset,
-                block_size,
                 max_window,
-                file_blocks,
-                run_blocks,
+                self.max_request,
+                reader.size,
             );
-            if state.sequential.take_seek() {
+            if plan.seeked {
                 // The read-ahead of the run left behind is stale.
                 state.run.cancel();
                 state.run = reader.cancel.child_token();
             }
-            let done = state
-                .sequential
-                .on_served(offset, end - offset, block_size, reader.size);
-            let run = (!ahead.is_empty()).then(|| state.run.clone());
-            (ahead, done, run)
+            let run = (!plan.ahead.is_empty()).then(|| state.run.clone());
+            (plan, run)
         };
 
-        // Blocks asked for go to the throttle queue before read-ahead does.
-        let first_lookup = self.lookup(reader, first);
-        let rest: Vec<Lookup> = (first + 1..=last).map(|i| self.lookup(reader, i)).collect();
-        // Drop-behind: a block this reader has now read through is freed
-        // (this read holds its own reference), unless another open file
-        // reads the same disk and may still want it.
-        if reader.readers_of_version.load(Ordering::Relaxed) == 1 {
-            for index in done {
-                self.cache.remove(&BlockKey {
-                    file: reader.key,
-                    index,
-                });
+        let mut parts = Parts::default();
+        let issued = {
+            let mut map = self.extents.lock();
+            // The read's own parts first: they go to the throttle queue
+            // before read-ahead does.
+            self.plan_parts(&mut map, reader, offset, end, plan.unit, &mut parts);
+            // Drop-behind, unless another open file reads the same disk
+            // and may still want what this one has read.
+            if !plan.behind.is_empty() && reader.readers_of_version.load(Ordering::Relaxed) == 1 {
+                map.drop_behind(reader.key, plan.behind.start, plan.behind.end);
             }
-        }
-        if let Some(run) = run {
-            let mut run_start = ahead.start;
-            while run_start < ahead.end {
-                let run_end = (run_start + run_blocks).min(ahead.end);
-                self.prefetch(reader, run_start..run_end, &run);
-                run_start = run_end;
-            }
+            run.map(|run| self.read_ahead(&mut map, reader, plan.ahead.clone(), plan.piece, &run))
+        };
+        if let Some(until) = issued.filter(|&until| until < plan.ahead.end) {
+            reader
+                .read_ahead
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .pattern
+                .issued_only(until);
         }
 
-        // Every block cached: the data is ready without waiting.
-        let base = first * block_size;
-        if let Lookup::Ready(block) = &first_lookup {
-            if rest.is_empty() {
-                return Started::Ready(self.cut(
-                    reader,
-                    std::slice::from_ref(block),
-                    base,
-                    offset,
-                    end,
-                ));
-            }
-            if rest.iter().all(|lookup| matches!(lookup, Lookup::Ready(_))) {
-                let blocks: Vec<Bytes> = std::iter::once(block)
-                    .chain(rest.iter().filter_map(|lookup| match lookup {
-                        Lookup::Ready(block) => Some(block),
-                        Lookup::Pending(_) => None,
-                    }))
-                    .cloned()
-                    .collect();
-                return Started::Ready(self.cut(reader, &blocks, base, offset, end));
-            }
+        let len = (end - offset) as usize;
+        match parts.ready(len) {
+            Some(data) => Started::Ready(self.served(reader, data)),
+            None => Started::Pending(PendingRead {
+                path: Arc::clone(self),
+                reader: Arc::clone(reader),
+                len,
+                parts,
+            }),
         }
-        Started::Pending(PendingRead {
-            path: Arc::clone(self),
-            reader: Arc::clone(reader),
-            offset,
-            end,
-            first,
-            first_lookup,
-            rest,
-        })
     }
 
-    /// `[offset, end)` out of consecutive blocks starting at `base`.
-    fn cut(
-        &self,
-        reader: &FileReader,
-        blocks: &[Bytes],
-        base: u64,
-        offset: u64,
-        end: u64,
-    ) -> Bytes {
-        let start = (offset - base) as usize;
-        let len = (end - offset) as usize;
-        let data = if let [block] = blocks {
-            block.slice(start..start + len)
-        } else {
-            let mut out = BytesMut::with_capacity(len);
-            let mut skip = start;
-            for block in blocks {
-                let take = (block.len() - skip).min(len - out.len());
-                out.extend_from_slice(&block[skip..skip + take]);
-                skip = 0;
-            }
-            out.freeze()
-        };
+    /// Counts bytes handed to a reader.
+    fn served(&self, reader: &FileReader, data: Bytes) -> Bytes {
         self.stats
             .bytes_served
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -560,106 +524,221 @@ impl ReadPath {
         data
     }
 
-    /// Waits for a block, fetching it again if the fetch it joined belonged
+    /// The parts of `[offset, end)`: what the extents cover, and for each
+    /// gap, zeros where it is hole and a fetch of its data rounded out to
+    /// `unit` (within the room the neighbouring extents leave).
+    fn plan_parts(
+        self: &Arc<Self>,
+        map: &mut Inner,
+        reader: &Arc<FileReader>,
+        offset: u64,
+        end: u64,
+        unit: u64,
+        parts: &mut Parts,
+    ) {
+        map.cover(reader.key, offset, end, true, |cover| parts.push(cover));
+        let hits = parts
+            .iter()
+            .filter(|part| !matches!(part, Part::Gap { .. }))
+            .count();
+        self.stats
+            .cache_hits
+            .fetch_add(hits as u64, Ordering::Relaxed);
+        if !parts.has_gaps() {
+            return;
+        }
+        let planned = std::mem::take(parts);
+        for part in planned.into_list() {
+            match part {
+                Part::Gap { from, to } => self.fill_gap(map, reader, from, to, unit, parts),
+                part => parts.push(part),
+            }
+        }
+    }
+
+    fn fill_gap(
+        self: &Arc<Self>,
+        map: &mut Inner,
+        reader: &Arc<FileReader>,
+        from: u64,
+        to: u64,
+        unit: u64,
+        parts: &mut Parts,
+    ) {
+        let widest = from / unit * unit..to.div_ceil(unit).saturating_mul(unit).min(reader.size);
+        let room = map.room(reader.key, from, to, widest);
+        let mut at = from;
+        let mut cursor = room.start;
+        while let Some(run) = reader.data.next_run(cursor, room.end, MERGE_HOLES) {
+            cursor = run.end;
+            if run.end <= from {
+                // Data only in the rounding before the read: not wanted.
+                continue;
+            }
+            if run.start >= to {
+                break;
+            }
+            if run.start > at {
+                self.stats.hole_blocks.fetch_add(1, Ordering::Relaxed);
+                parts.push(Part::Ready(zeros((run.start - at) as usize)));
+            }
+            // The run, rounding included: aligned requests, and the
+            // neighbours that reads near each other come back for.
+            let fetch_end = run.end;
+            self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+            map.make_room(fetch_end - run.start, true);
+            let fetch = self.start_fetch(map, reader, run.start, fetch_end, None);
+            let part_end = fetch_end.min(to);
+            parts.push(Part::Pending {
+                fetch,
+                extent_start: run.start,
+                from: at.max(run.start),
+                to: part_end,
+            });
+            at = part_end;
+            if at >= to {
+                break;
+            }
+        }
+        if at < to {
+            self.stats.hole_blocks.fetch_add(1, Ordering::Relaxed);
+            parts.push(Part::Ready(zeros((to - at) as usize)));
+        }
+    }
+
+    /// Read-ahead of `ahead` in requests of at most `piece`: the parts no
+    /// extent covers and that hold data are fetched, as far as memory can
+    /// be reserved without evicting unread read-ahead. Returns how far it
+    /// was issued.
+    fn read_ahead(
+        self: &Arc<Self>,
+        map: &mut Inner,
+        reader: &Arc<FileReader>,
+        ahead: Range<u64>,
+        piece: u64,
+        run: &CancellationToken,
+    ) -> u64 {
+        let mut gaps: Vec<(u64, u64)> = Vec::new();
+        map.cover(reader.key, ahead.start, ahead.end, false, |cover| {
+            if let Cover::Gap { from, to } = cover {
+                gaps.push((from, to));
+            }
+        });
+        for (from, to) in gaps {
+            let mut cursor = from;
+            while let Some(data) = reader.data.next_run(cursor, to, MERGE_HOLES) {
+                cursor = data.end;
+                let mut start = data.start;
+                while start < data.end {
+                    let planned = piece_end(start, piece, data.end);
+                    map.make_room(planned - start, false);
+                    let free = map.free();
+                    // What memory allows, and no more for now.
+                    let end = match free >= planned - start {
+                        true => planned,
+                        false => start + free / PAGE * PAGE,
+                    };
+                    if end == start {
+                        return start;
+                    }
+                    self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+                    drop(self.start_fetch(map, reader, start, end, Some(run)));
+                    if end < planned {
+                        return end;
+                    }
+                    start = end;
+                }
+            }
+        }
+        ahead.end
+    }
+
+    /// Waits for every part and joins them.
+    fn resolve_all<'a>(
+        self: &'a Arc<Self>,
+        reader: &'a Arc<FileReader>,
+        parts: Parts,
+        len: usize,
+        rejoins: u32,
+    ) -> BoxFuture<'a, Result<Bytes, FsError>> {
+        async move {
+            if parts.rest.is_empty() {
+                let Some(part) = parts.first else {
+                    return Ok(Bytes::new());
+                };
+                return self.resolve(reader, part, rejoins).await;
+            }
+            let mut out = BytesMut::with_capacity(len);
+            for part in parts.into_list() {
+                out.extend_from_slice(&self.resolve(reader, part, rejoins).await?);
+            }
+            Ok(out.freeze())
+        }
+        .boxed()
+    }
+
+    /// Waits for one part, fetching it again if the fetch it joined belonged
     /// to another file that was closed meanwhile.
     async fn resolve(
         self: &Arc<Self>,
         reader: &Arc<FileReader>,
-        index: u64,
-        mut lookup: Lookup,
+        part: Part,
+        rejoins: u32,
     ) -> Result<Bytes, FsError> {
-        // Each round joins a fetch that another file started and then
-        // closed; a few rounds are plenty, endless ones would be a bug.
-        for _ in 0..MAX_REJOINS {
-            let fetch = match lookup {
-                Lookup::Ready(block) => return Ok(block),
-                Lookup::Pending(fetch) => fetch,
-            };
-            match fetch.await {
-                Ok(block) => return Ok(block),
-                Err(FetchError::Cancelled) if !reader.cancel.is_cancelled() => {
-                    lookup = self.lookup(reader, index);
-                }
-                Err(FetchError::Cancelled) => return Err(FsError::Cancelled),
-                Err(FetchError::Failed(source)) => {
-                    return Err(FsError::Provider {
-                        path: reader.path.clone(),
-                        source,
-                    })
-                }
+        let (fetch, extent_start, from, to) = match part {
+            Part::Ready(bytes) => return Ok(bytes),
+            Part::Pending {
+                fetch,
+                extent_start,
+                from,
+                to,
+            } => (fetch, extent_start, from, to),
+            Part::Gap { from, to } => {
+                // Gaps are filled before a read starts; one left is a bug,
+                // and fails this read only.
+                tracing::error!(path = %reader.path, from, to, "a read's gap was never planned");
+                return Err(FsError::Provider {
+                    path: reader.path.clone(),
+                    source: Arc::new(ProviderError::Internal(
+                        "a read's gap was never planned".into(),
+                    )),
+                });
             }
-        }
-        tracing::error!(path = %reader.path, index, "a block's fetch was cancelled {MAX_REJOINS} times in a row");
-        Err(FsError::Cancelled)
-    }
-
-    /// The block from the cache, or the fetch that will produce it (joining
-    /// one in flight, or starting one).
-    fn lookup(self: &Arc<Self>, reader: &Arc<FileReader>, index: u64) -> Lookup {
-        let key = BlockKey {
-            file: reader.key,
-            index,
         };
-        let start = index * self.config.block_size;
-        let end = (start + self.config.block_size).min(reader.size);
-        if reader.data.is_hole(start, end) {
-            // Unwritten: zeros, with no fetch and no tokens.
-            self.stats.hole_blocks.fetch_add(1, Ordering::Relaxed);
-            return Lookup::Ready(zeros((end - start) as usize));
-        }
-        if let Some(block) = self.cache.get(&key) {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Lookup::Ready(block);
-        }
-        let mut inflight = self.inflight.lock();
-        if let Some(flight) = inflight.get(&key) {
-            flight.demanded.store(true, Ordering::Relaxed);
-            return Lookup::Pending(flight.fetch.clone());
-        }
-        // A fetch may have finished between the two looks.
-        if let Some(block) = self.cache.get(&key) {
-            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Lookup::Ready(block);
-        }
-        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
-        Lookup::Pending(self.start_fetch(&mut inflight, reader, index, 1, None))
-    }
-
-    /// Read-ahead of `blocks`: the ones neither cached, nor being fetched,
-    /// nor holes are fetched, each consecutive stretch in one request.
-    fn prefetch(
-        self: &Arc<Self>,
-        reader: &Arc<FileReader>,
-        blocks: Range<u64>,
-        run: &CancellationToken,
-    ) {
-        let block_size = self.config.block_size;
-        let mut inflight = self.inflight.lock();
-        let mut stretch: Option<u64> = None;
-        for index in blocks.start..=blocks.end {
-            let missing = index < blocks.end && {
-                let key = BlockKey {
-                    file: reader.key,
-                    index,
-                };
-                let start = index * block_size;
-                let end = (start + block_size).min(reader.size);
-                !reader.data.is_hole(start, end)
-                    && !inflight.contains_key(&key)
-                    && !self.cache.contains(&key)
-            };
-            match (missing, stretch) {
-                (true, None) => stretch = Some(index),
-                (false, Some(first)) => {
-                    self.stats
-                        .cache_misses
-                        .fetch_add(index - first, Ordering::Relaxed);
-                    // The fetches run on in their task.
-                    drop(self.start_fetch(&mut inflight, reader, first, index - first, Some(run)));
-                    stretch = None;
+        match fetch.await {
+            Ok(extent) => {
+                let range = (from - extent_start) as usize..(to - extent_start) as usize;
+                match extent.get(range.clone()) {
+                    Some(_) => Ok(extent.slice(range)),
+                    None => Err(FsError::Provider {
+                        path: reader.path.clone(),
+                        source: Arc::new(ProviderError::Internal(format!(
+                            "an extent at {extent_start} holds {} bytes, the read wants {range:?}",
+                            extent.len()
+                        ))),
+                    }),
                 }
-                _ => {}
             }
+            // Each round joins a fetch that another file started and then
+            // closed; a few rounds are plenty, endless ones would be a bug.
+            Err(FetchError::Cancelled) if !reader.cancel.is_cancelled() => {
+                if rejoins >= MAX_REJOINS {
+                    tracing::error!(path = %reader.path, from, to, "a read's fetch was cancelled {MAX_REJOINS} times in a row");
+                    return Err(FsError::Cancelled);
+                }
+                let mut parts = Parts::default();
+                {
+                    let mut map = self.extents.lock();
+                    self.plan_parts(&mut map, reader, from, to, PAGE, &mut parts);
+                }
+                self.resolve_all(reader, parts, (to - from) as usize, rejoins + 1)
+                    .await
+            }
+            Err(FetchError::Cancelled) => Err(FsError::Cancelled),
+            Err(FetchError::Failed(source)) => Err(FsError::Provider {
+                path: reader.path.clone(),
+                source,
+            }),
         }
     }
 
@@ -689,7 +768,19 @@ impl ReadPath {
     }
 }
 
-/// Rounds a read re-joins a block whose fetch was cancelled under it.
+/// Where a read-ahead request from `start` ends: `piece` on, at a 1 MiB
+/// boundary when the piece is that large (so that 1 MiB reads fall inside
+/// one extent and are served as slices), and never past `limit`.
+fn piece_end(start: u64, piece: u64, limit: u64) -> u64 {
+    const ALIGN: u64 = 1 << 20;
+    let mut end = start + piece;
+    if piece >= ALIGN && end / ALIGN * ALIGN > start {
+        end = end / ALIGN * ALIGN;
+    }
+    end.min(limit)
+}
+
+/// Rounds a read re-joins a part whose fetch was cancelled under it.
 const MAX_REJOINS: u32 = 16;
 
 /// Counts a fetch out of the in-flight gauge however it ends.
