@@ -286,6 +286,7 @@ pub fn mount(
             ..ReadConfig::default()
         },
     );
+    crate::read::trim::spawn(&read_path);
     let mut owner = Ownership::current();
     owner.uid = options.uid.unwrap_or(owner.uid);
     owner.gid = options.gid.unwrap_or(owner.gid);

@@ -27,7 +27,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes};
+
+use super::buffer::FetchBuffer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use url::Url;
@@ -151,9 +153,7 @@ impl Expected<'_> {
     pub fn body(&self) -> Body<'_> {
         Body {
             expected: self,
-            first: None,
-            joined: None,
-            got: 0,
+            joined: FetchBuffer::with_capacity(self.len),
         }
     }
 }
@@ -181,60 +181,47 @@ fn same_date(a: &str, b: &str) -> bool {
 /// A body being received, chunk by chunk, for one [`Expected`] fetch.
 pub struct Body<'a> {
     expected: &'a Expected<'a>,
-    /// The usual case is one chunk holding it all: kept as is, no copy.
-    first: Option<Bytes>,
-    joined: Option<BytesMut>,
-    got: usize,
+    joined: FetchBuffer,
 }
 
 impl Body<'_> {
     /// Takes one more chunk; more bytes than asked for is a permanent error,
     /// raised before they are kept.
+    ///
+    /// Chunks are always copied into one buffer of exactly the length asked
+    /// for, even a body that came in one chunk: a chunk is a slice of the
+    /// connection's read buffer (hyper's grows to 408 KiB), and keeping it
+    /// would keep that whole buffer alive under a 4 KiB extent.
     pub fn push(&mut self, chunk: Bytes) -> Result<(), ProviderError> {
         let expected = self.expected;
-        if chunk.len() > expected.len - self.got {
+        if chunk.len() > expected.len - self.joined.len() {
             return Err(expected.protocol(format_args!(
                 "the server sent more than the {} bytes asked for (refused, not retried)",
                 expected.len
             )));
         }
-        self.got += chunk.len();
-        if chunk.is_empty() {
-            return Ok(());
-        }
-        match (&mut self.joined, self.first.take()) {
-            (None, None) => self.first = Some(chunk),
-            (None, Some(previous)) => {
-                let mut joined = BytesMut::with_capacity(expected.len);
-                joined.extend_from_slice(&previous);
-                joined.extend_from_slice(&chunk);
-                self.joined = Some(joined);
-            }
-            (Some(joined), _) => joined.extend_from_slice(&chunk),
-        }
+        self.joined.put_slice(&chunk);
         Ok(())
     }
 
     /// The whole body; one cut short is a transport fault, worth a retry.
     pub fn finish(self) -> Result<Bytes, ProviderError> {
         let expected = self.expected;
-        if self.got != expected.len {
+        if self.joined.len() != expected.len {
             return Err(ProviderError::Unreachable(format!(
                 "{}: body ended after {} of {} bytes",
-                expected.what, self.got, expected.len
+                expected.what,
+                self.joined.len(),
+                expected.len
             )));
         }
-        Ok(match (self.joined, self.first) {
-            (Some(joined), _) => joined.freeze(),
-            (None, Some(only)) => only,
-            (None, None) => Bytes::new(),
-        })
+        Ok(self.joined.freeze())
     }
 }
 
 pub enum Ranged {
     /// The body, exactly the bytes asked for.
-    Data(BytesMut),
+    Data(FetchBuffer),
     /// 412: the validator sent no longer matches.
     PreconditionFailed,
     /// An answer [`Expected::check`] refuses (ignored Range, wrong
@@ -411,7 +398,7 @@ impl RangeClient {
                         None,
                     ));
                 }
-                let mut body = BytesMut::with_capacity(len);
+                let mut body = FetchBuffer::with_capacity(len);
                 body.put_slice(body_start);
                 while body.len() < len {
                     // Reads go straight into the spare capacity of `body`.

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use crate::options::MountOptions;
 
 pub mod azure;
+pub mod buffer;
 pub mod demo;
 pub mod dir;
 pub mod gcs;

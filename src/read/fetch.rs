@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::extents::{ExtentKey, Extents, FetchError, Inner, SharedFetch, State};
 use super::retry::Budget;
-use super::{FileReader, InFlight, ReadPath};
+use super::{AheadSlot, FileReader, InFlight, ReadPath};
 use crate::provider::ProviderError;
 
 /// Shared zeros for holes (in .bss: no memory until read).
@@ -83,7 +83,9 @@ impl ReadPath {
             start,
         };
         let id = map.allocate_id();
+        let slot = ahead.then(|| AheadSlot::take(self));
         let task = tokio::spawn(async move {
+            let _slot = slot;
             let landing = Landing {
                 extents: &this.extents,
                 key,

@@ -49,14 +49,24 @@ impl Progress {
         }
     }
 
-    /// Bytes read by `at` (the last sample at or before it).
+    /// Bytes read by `at`, interpolated between the samples around it: a
+    /// count of whole 1 MiB reads would be off by up to one read per window
+    /// (5.6% of a 3 s window at 6 MiB/s).
     pub fn bytes_at(&self, at: Instant) -> u64 {
         let samples = self.samples.lock().unwrap();
-        samples
-            .iter()
-            .take_while(|(when, _)| *when <= at)
-            .last()
-            .map_or(0, |(_, bytes)| *bytes)
+        let after = samples.partition_point(|(when, _)| *when <= at);
+        let Some(&(before_at, before)) = after.checked_sub(1).and_then(|i| samples.get(i)) else {
+            return 0;
+        };
+        match samples.get(after) {
+            Some(&(next_at, next)) => {
+                let span = next_at.duration_since(before_at).as_secs_f64();
+                let part = at.duration_since(before_at).as_secs_f64() / span;
+                before + ((next - before) as f64 * part) as u64
+            }
+            // Not read further yet: nothing more by then.
+            None => before,
+        }
     }
 
     /// Bytes per second over `[from, to]`.
@@ -88,6 +98,19 @@ impl Progress {
         let from = Instant::now();
         let to = from + Duration::from_secs_f64(seconds);
         Self::wait_until(to);
+        // Interpolating at `to` needs the read that ends after it.
+        let deadline = to + Duration::from_secs(2);
+        while self
+            .samples
+            .lock()
+            .unwrap()
+            .last()
+            .is_some_and(|(when, _)| *when <= to)
+            && !self.thread.as_ref().is_some_and(|t| t.is_finished())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         self.rate(from, to)
     }
 
