@@ -19,6 +19,8 @@
 #     simulator over TLS, tests/vcsim): unthrottled read through the mount vs
 #     curl straight from the stand-in (into a reader), and achieved/target at
 #     rate=50M
+#   metadata at scale (demo:// with parameters): ls -l of 10k and 100k disks
+#     in one directory, mount and find over 1,000,000 disks, memory per disk
 #   a soak: minutes of mixed readers through injected faults, every byte
 #     verified, peak RSS against cache=
 #
@@ -440,6 +442,34 @@ if command -v vmexportfs-vcsim >/dev/null && command -v openssl >/dev/null; then
     kill "$VS_PID"
 fi
 
+# --- metadata at scale (demo:// with parameters) ----------------------------
+# seconds taken by a shell command
+since() { awk -v t0="$1" -v t1="$(date +%s.%N)" 'BEGIN {print t1 - t0}'; }
+seconds_of() { local t0; t0=$(date +%s.%N); sh -c "$1" > /dev/null; since "$t0"; }
+rss_of() { awk '/^VmRSS/ {print $2 * 1024}' "/proc/$1/status"; }
+# `ls -l` of one directory of N disks, on a fresh mount (nothing cached)
+ls_l_seconds() {
+    local m t
+    m=$(mount_vmx "demo://?vms=1&disks=$1&size=1G" "")
+    t=$(seconds_of "ls -l $m/vm-0")
+    unmount "$m"
+    echo "$t"
+}
+LS_10K=$(ls_l_seconds 10000)
+LS_100K=$(ls_l_seconds 100000)
+# One million disks in 1,000 directories: how long `mount` takes, memory per
+# disk beside a mount of the 5 built-in disks, and `find` over all of them.
+m=$(mount_vmx "demo://" "")
+RSS_SMALL=$(rss_of "$(daemon_pid "$m")")
+unmount "$m"
+t0=$(date +%s.%N)
+m=$(mount_vmx "demo://?vms=1000&disks=1000&size=1G" "")
+MOUNT_1M=$(since "$t0")
+RSS_1M=$(rss_of "$(daemon_pid "$m")")
+FIND_1M=$(seconds_of "find $m -type f | wc -l")
+FOUND_1M=$(find "$m" -type f | wc -l)
+unmount "$m"
+
 # Soak: mixed sequential and random readers through a proxy injecting every
 # kind of transient fault (tests/soak.rs), every byte checked against the
 # source; peak RSS against cache=64M. SOAK_SECS sets its length.
@@ -461,6 +491,8 @@ awk -v curl="$CURL" -v curlnull="$CURL_NULL" -v mnt="$MOUNT" -v rclone="$RCLONE"
     -v azcurl="$AZ_CURL" -v azmount="$AZ_MOUNT" -v r50az="$R50AZ" \
     -v vscurl="$VS_CURL" -v vsmount="$VS_MOUNT" -v r50vs="$R50VS" \
     -v livebefore="$LIVE_BEFORE" -v liveafter="$LIVE_AFTER" \
+    -v ls10k="$LS_10K" -v ls100k="$LS_100K" -v rsssmall="$RSS_SMALL" -v mount1m="$MOUNT_1M" \
+    -v rss1m="$RSS_1M" -v find1m="$FIND_1M" -v found1m="$FOUND_1M" \
     -v heavy="$WEIGHT_HEAVY" -v light="$WEIGHT_LIGHT" -v fleeta="$FLEET_A" -v fleetb="$FLEET_B" '
 function stand_in_rows(scheme, name, curl, mnt, r50,    t50) {
     if (mnt == "") {
@@ -524,6 +556,12 @@ BEGIN {
     stand_in_rows("gs://", "fake-gcs-server", gscurl, gsmount, r50gs)
     stand_in_rows("az://", "Azurite", azcurl, azmount, r50az)
     stand_in_rows("vsphere://", "vcsim (TLS)", vscurl, vsmount, r50vs)
+    printf "| ls -l, 10,000 disks in one directory | %.2f s | | |\n", ls10k
+    printf "| ls -l, 100,000 disks in one directory | %.2f s | < 2 s | %s |\n", ls100k, (ls100k < 2 ? "ok" : "MISS")
+    printf "| ls -l time, 100k / 10k (linear: 10) | %.1f | <= 15 | %s |\n", ls100k / ls10k, (ls100k / ls10k <= 15 ? "ok" : "MISS")
+    printf "| mount of 1,000,000 disks in 1,000 directories | %.2f s | | |\n", mount1m
+    printf "| find over them (%d files) | %.2f s | every disk | %s |\n", found1m, find1m, (found1m == 1000000 ? "ok" : "MISS")
+    printf "| memory per disk: (RSS 1M disks - RSS 5 disks) / 1M | %.0f bytes (%.0f MiB) | < 300 | %s |\n", (rss1m - rsssmall) / 1e6, rss1m / 1048576, ((rss1m - rsssmall) / 1e6 < 300 ? "ok" : "MISS")
     if (soakbytes != "") {
         printf "| soak %d s, 2 sequential + 2 random readers, faults every 9th request: bytes verified | %.0f MiB in %d reads, %d faults, 0 mismatches | every byte | ok |\n", soaksecs, soakbytes / 1048576, soakreads, soakfaults
         printf "| soak: peak RSS / (cache + 64 MiB) | %.2f (%.0f MiB, cache=%.0f MiB) | <= 1.00 | %s |\n", soakrss / (soakcache + 64 * 1048576), soakrss / 1048576, soakcache / 1048576, (soakrss <= soakcache + 64 * 1048576 ? "ok" : "MISS")

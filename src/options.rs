@@ -85,6 +85,9 @@ pub struct MountOptions {
     /// An open or a read whose provider has not delivered by then fails
     /// (retries included; waiting for tokens does not count).
     pub timeout: Duration,
+    /// How old a listing may get before it is listed again; `None`: never
+    /// (the inventory read at mount is kept).
+    pub refresh: Option<Duration>,
     /// Timetable of mount rates (local time).
     pub schedule: Option<Schedule>,
     /// Cap of each open file, inside the mount's limit.
@@ -128,6 +131,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// `cp -r` and `rsync -a` open a VM's files one after another, with
 /// seconds between them on a slow link: a minute keeps one snapshot.
 pub const DEFAULT_SNAPSHOT_LINGER: Duration = Duration::from_secs(60);
+/// Exports land nightly: a minute's delay is nothing to a backup job, and
+/// re-listing a large bucket more often would cost requests.
+pub const DEFAULT_REFRESH: Duration = Duration::from_secs(60);
 /// The smallest `burst=`: below it every fetch is cut into pieces so small
 /// that the pacer's wake-ups, not the rate, set the pace.
 pub const MIN_BURST: u64 = 4 << 10;
@@ -158,6 +164,7 @@ impl Default for MountOptions {
             snapshot: false,
             snapshot_linger: DEFAULT_SNAPSHOT_LINGER,
             timeout: DEFAULT_TIMEOUT,
+            refresh: Some(DEFAULT_REFRESH),
             schedule: None,
             file_rate: None,
             priority: Priorities::default(),
@@ -347,6 +354,18 @@ impl MountOptions {
                     0.1..=86400.0,
                     "a number of seconds between 0.1 and 86400, e.g. 60",
                 )?
+            }
+            "refresh" => {
+                let value = need(value)?;
+                self.refresh = match value.as_str() {
+                    "off" => None,
+                    text => Some(seconds(
+                        name,
+                        text,
+                        1.0..=604800.0,
+                        "off, or a number of seconds between 1 and 604800, e.g. 60",
+                    )?),
+                }
             }
             "snapshot_linger" => {
                 self.snapshot_linger = seconds(

@@ -53,6 +53,36 @@ async fn status_of(client: &mut Client) -> anyhow::Result<Status> {
     }
 }
 
+/// `vmexportfs refresh MOUNTPOINT [PATH]`: lists the source again and
+/// prints what changed.
+pub fn refresh(target: &Path, path: Option<&Path>) -> anyhow::Result<()> {
+    let inside = match path {
+        None => "/".to_string(),
+        Some(path) if path.is_absolute() => match path.strip_prefix(target) {
+            Ok(rest) => format!("/{}", rest.display()),
+            Err(_) => bail!(
+                "{} is not inside the mount {}: give a directory of it, absolute or relative to the mountpoint",
+                path.display(),
+                target.display()
+            ),
+        },
+        Some(path) => format!("/{}", path.display()),
+    };
+    runtime()?.block_on(async {
+        let mut client = Client::connect(target).await?;
+        match client.request(&Request::Refresh { path: inside }).await? {
+            Response::Refreshed { changes } => {
+                println!(
+                    "listed again: {} disk(s) added, {} removed, {} changed",
+                    changes.added, changes.removed, changes.changed
+                );
+                Ok(())
+            }
+            other => bail!("unexpected answer from the mount: {other:?}"),
+        }
+    })
+}
+
 pub fn rate(target: &Path, limit: Option<&str>) -> anyhow::Result<()> {
     let limit = limit.map(parse_limit).transpose()?;
     runtime()?.block_on(async {

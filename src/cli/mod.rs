@@ -1,5 +1,5 @@
-//! The command line: `mount`, `ls`, `demo`, and `rate`, `status`, `top`
-//! for a running mount.
+//! The command line: `mount`, `ls`, `demo`, and `rate`, `status`, `top`,
+//! `refresh` for a running mount.
 
 mod control;
 mod demo;
@@ -60,6 +60,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the source again now: new disks appear, removed ones go
+    Refresh {
+        /// The mountpoint (or its control socket)
+        mountpoint: PathBuf,
+        /// A directory inside the mount, absolute or relative to the
+        /// mountpoint (default: all of it)
+        path: Option<PathBuf>,
+    },
     /// The status, live, refreshed every second (q quits)
     Top {
         /// The mountpoint (or its control socket)
@@ -93,6 +101,7 @@ pub fn main() -> i32 {
         Command::Rate { mountpoint, limit } => control::rate(&mountpoint, limit.as_deref()),
         Command::Status { mountpoint, json } => control::status(&mountpoint, json),
         Command::Top { mountpoint } => control::top(&mountpoint),
+        Command::Refresh { mountpoint, path } => control::refresh(&mountpoint, path.as_deref()),
     };
     match result {
         Ok(()) => 0,

@@ -292,7 +292,7 @@ pub fn mount(
     owner.gid = options.gid.unwrap_or(owner.gid);
     owner.umask = options.umask.unwrap_or(owner.umask);
     let core = runtime
-        .block_on(FsCore::new(provider, read_path, owner))
+        .block_on(FsCore::new(provider, read_path, owner, options.refresh))
         .map_err(|err| anyhow!("{}: {err}", redact_url(source)))?;
     let core = Arc::new(core);
 
@@ -330,6 +330,7 @@ pub fn mount(
             anyhow!("mounting {}: {err}", mountpoint.display())
         }
     })?;
+    core.set_kernel_cache(Box::new(crate::fuse::KernelNotifier(session.notifier())));
     let mut mounted = Mounted {
         session: Some(session),
         core: Arc::clone(&core),

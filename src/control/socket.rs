@@ -39,6 +39,11 @@ use crate::throttle::{Limit, LimitError};
 #[serde(tag = "request", rename_all = "snake_case")]
 pub enum Request {
     Status,
+    /// List the provider again now; `path` (inside the mount) must be a
+    /// directory of it.
+    Refresh {
+        path: String,
+    },
     /// A new mount limit; `None`: unlimited.
     SetRate {
         limit: Option<Limit>,
@@ -52,6 +57,9 @@ pub enum Response {
     Rate {
         limit: Option<Limit>,
         origin: String,
+    },
+    Refreshed {
+        changes: crate::fs::refresh::Changes,
     },
     Error {
         message: String,
@@ -80,14 +88,28 @@ impl Request {
             Some(Value::String(kind)) => kind,
             Some(other) => {
                 return Err(format!(
-                    "\"request\" must be a string (\"status\" or \"set_rate\"), not {}",
-                    kind_of(&other)
-                ))
+                "\"request\" must be a string (\"status\", \"set_rate\" or \"refresh\"), not {}",
+                kind_of(&other)
+            ))
             }
-            None => return Err("missing \"request\": expected \"status\" or \"set_rate\"".into()),
+            None => {
+                return Err(
+                    "missing \"request\": expected \"status\", \"set_rate\" or \"refresh\"".into(),
+                )
+            }
         };
         let request = match kind.as_str() {
             "status" => Request::Status,
+            "refresh" => match fields.remove("path") {
+                None => Request::Refresh { path: "/".into() },
+                Some(Value::String(path)) => Request::Refresh { path },
+                Some(other) => {
+                    return Err(format!(
+                        "refresh: \"path\" must be a string (a directory inside the mount), not {}",
+                        kind_of(&other)
+                    ))
+                }
+            },
             "set_rate" => {
                 let limit = match fields.remove("limit") {
                     None => {
@@ -108,7 +130,7 @@ impl Request {
             }
             other => {
                 return Err(format!(
-                    "unknown request {}: expected \"status\" or \"set_rate\"",
+                    "unknown request {}: expected \"status\", \"set_rate\" or \"refresh\"",
                     quote(other)
                 ))
             }
@@ -489,7 +511,7 @@ async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R) -> std::io::Result<O
 }
 
 /// The answer to one request line; nothing changes unless it is valid.
-fn answer(controller: &Controller, line: &str) -> Response {
+async fn answer(controller: &Controller, line: &str) -> Response {
     let error = |message: String| Response::Error {
         message: format!("bad request: {message}"),
     };
@@ -498,6 +520,12 @@ fn answer(controller: &Controller, line: &str) -> Response {
         Ok(Request::SetRate { limit }) => match controller.set_rate(limit) {
             Ok((limit, origin)) => Response::Rate { limit, origin },
             Err(err) => error(format!("set_rate: {err}")),
+        },
+        Ok(Request::Refresh { path }) => match controller.core().refresh(&path).await {
+            Ok(changes) => Response::Refreshed { changes },
+            Err(err) => Response::Error {
+                message: format!("refresh {path}: {err}"),
+            },
         },
         Err(message) => error(message),
     }
@@ -508,7 +536,7 @@ async fn serve_one(stream: UnixStream, controller: &Controller) {
     let mut reader = BufReader::new(read);
     while let Ok(Some(line)) = read_line(&mut reader).await {
         let (answer, last) = match line {
-            Line::Text(text) => (answer(controller, &text), false),
+            Line::Text(text) => (answer(controller, &text).await, false),
             Line::NotUtf8 => (
                 Response::Error {
                     message: "bad request: not UTF-8 text".into(),
@@ -580,7 +608,13 @@ impl Client {
             }
             return Err(err).with_context(|| format!("control socket {}", self.path.display()));
         }
-        let answer = tokio::time::timeout(Duration::from_secs(10), self.lines.next_line())
+        // A listing of a large inventory takes a while; anything else is
+        // answered from memory.
+        let patience = match request {
+            Request::Refresh { .. } => Duration::from_secs(600),
+            _ => Duration::from_secs(10),
+        };
+        let answer = tokio::time::timeout(patience, self.lines.next_line())
             .await
             .map_err(|_| anyhow!("control socket {}: no answer", self.path.display()))?
             .with_context(|| format!("control socket {}", self.path.display()))?

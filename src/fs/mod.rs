@@ -3,22 +3,25 @@
 //! Nothing here knows about FUSE: the adapter in [`crate::fuse`] translates
 //! kernel requests into these calls and the results back into replies, so
 //! the core is tested without a mount. Metadata lives in memory (the tree is
-//! built once from the inventory); only `open` and `read` await the provider.
+//! built from the inventory and kept up to date in the background,
+//! [`refresh`]); only `open` and `read` await the provider.
 
 pub mod names;
+pub mod refresh;
 pub mod tree;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, SystemTime};
 
 use crate::error::FsError;
 use crate::provider::{Inventory, Provider, ProviderError};
 use crate::read::retry::Budget;
 use crate::read::{FileReader, Opener, ReadPath, Started};
 use crate::throttle::priority::Priorities;
+use refresh::{Changes, Refresher};
 use tree::{NodeKind, Tree};
 
 pub use tree::ROOT_INO;
@@ -43,13 +46,15 @@ pub struct Attr {
     pub gid: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirEntry {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DirEntry<'a> {
     pub ino: u64,
     pub kind: Kind,
-    pub name: String,
+    pub name: &'a str,
     /// Where the next listing call resumes after this entry.
     pub next_offset: u64,
+    /// Its attributes, when asked for (readdirplus).
+    pub attr: Option<Attr>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -82,7 +87,7 @@ pub struct StatFs {
 
 /// A size above i64::MAX cannot be a file (`st_size` and `off_t` are
 /// signed): such a disk is a provider's bad answer, left out with a log line.
-fn refuse_impossible_sizes(mut inventory: Inventory) -> Inventory {
+pub(crate) fn refuse_impossible_sizes(mut inventory: Inventory) -> Inventory {
     inventory.disks.retain(|disk| {
         let fits = i64::try_from(disk.size).is_ok();
         if !fits {
@@ -97,7 +102,8 @@ fn refuse_impossible_sizes(mut inventory: Inventory) -> Inventory {
 }
 
 pub struct FsCore {
-    tree: Tree,
+    tree: Arc<RwLock<Tree>>,
+    refresher: Arc<Refresher>,
     provider: Arc<dyn Provider>,
     read_path: Arc<ReadPath>,
     handles: RwLock<HashMap<u64, Arc<FileReader>>>,
@@ -108,19 +114,30 @@ pub struct FsCore {
 }
 
 impl FsCore {
-    /// Lists the provider's inventory and builds the tree.
+    /// Lists the provider's inventory and builds the tree, to be listed
+    /// again when older than `refresh` (`None`: never).
     pub async fn new(
         provider: Arc<dyn Provider>,
         read_path: Arc<ReadPath>,
         owner: Ownership,
+        refresh: Option<Duration>,
     ) -> Result<Self, ProviderError> {
         // The SDKs make one attempt each: listing gets the mount's retries.
         let inventory = read_path
             .retrying(&mut Budget::default(), "/", "list", || provider.list())
             .await?;
-        let inventory = refuse_impossible_sizes(inventory);
+        let tree = Tree::build(refuse_impossible_sizes(inventory));
+        // Building freed the listing's many small strings: give them back.
+        crate::read::trim::release_free_memory();
+        let tree = Arc::new(RwLock::new(tree));
         Ok(FsCore {
-            tree: Tree::build(&inventory),
+            refresher: Refresher::new(
+                refresh,
+                Arc::clone(&provider),
+                Arc::clone(&read_path),
+                Arc::clone(&tree),
+            ),
+            tree,
             provider,
             read_path,
             handles: RwLock::new(HashMap::new()),
@@ -134,32 +151,49 @@ impl FsCore {
         &self.read_path
     }
 
+    fn tree(&self) -> RwLockReadGuard<'_, Tree> {
+        self.tree
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub fn attr(&self, ino: u64) -> Result<Attr, FsError> {
-        let node = self.tree.get(ino).ok_or(FsError::NotFound)?;
-        let (kind, size, perm, nlink) = match &node.kind {
-            NodeKind::Dir { children } => {
-                let subdirs = children
-                    .values()
-                    .filter(|&&child| {
-                        matches!(
-                            self.tree.get(child).map(|n| &n.kind),
-                            Some(NodeKind::Dir { .. })
-                        )
-                    })
-                    .count() as u32;
-                (Kind::Dir, 0, 0o555, 2 + subdirs)
+        self.attr_in(&self.tree(), ino)
+    }
+
+    /// Attributes of any inode the kernel knows, gone ones included (a
+    /// file open when its disk went is still `fstat`-able: nlink 0, as an
+    /// unlinked file).
+    fn attr_in(&self, tree: &Tree, ino: u64) -> Result<Attr, FsError> {
+        let node = tree.get(ino).ok_or(FsError::NotFound)?;
+        let gone = tree.present(ino).is_none();
+        let (kind, size, blocks, perm, nlink) = match &node.kind {
+            NodeKind::Dir(_) => {
+                let subdirs = tree.dir(ino).map_or(0, |dir| dir.subdirs);
+                let nlink = if gone {
+                    0
+                } else {
+                    2u32.saturating_add(subdirs)
+                };
+                (Kind::Dir, 0, 0, 0o555, nlink)
             }
-            NodeKind::File { size, .. } => (Kind::File, size.load(Ordering::Relaxed), 0o444, 1),
-        };
-        let allocated = match &node.kind {
-            NodeKind::File { disk, .. } => disk.allocated.map_or(size, |a| a.min(size)),
-            NodeKind::Dir { .. } => 0,
+            NodeKind::File { disk, size, .. } => {
+                let size = size.load(Ordering::Relaxed);
+                let allocated = disk.allocated.map_or(size, |a| a.min(size));
+                (
+                    Kind::File,
+                    size,
+                    allocated.div_ceil(512),
+                    0o444,
+                    u32::from(!gone),
+                )
+            }
         };
         Ok(Attr {
             ino,
             kind,
             size,
-            blocks: allocated.div_ceil(512),
+            blocks,
             mtime: node.mtime,
             perm: (perm & !self.owner.umask) as u16,
             nlink,
@@ -169,42 +203,128 @@ impl FsCore {
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, FsError> {
-        let node = self.tree.get(parent).ok_or(FsError::NotFound)?;
-        let NodeKind::Dir { children } = &node.kind else {
+        self.refresher.poke();
+        let tree = self.tree();
+        if tree.present(parent).is_none() {
+            return Err(FsError::NotFound);
+        }
+        if tree.dir(parent).is_none() {
             return Err(FsError::NotDirectory);
-        };
+        }
         let name = name.to_str().ok_or(FsError::NotFound)?;
-        let ino = *children.get(name).ok_or(FsError::NotFound)?;
-        self.attr(ino)
+        let ino = tree.child(parent, name).ok_or(FsError::NotFound)?;
+        tree.present(ino).ok_or(FsError::NotFound)?;
+        self.attr_in(&tree, ino)
     }
 
-    /// Entries of a directory from `offset` on, `.` and `..` first.
-    pub fn readdir(&self, ino: u64, offset: u64) -> Result<Vec<DirEntry>, FsError> {
-        let node = self.tree.get(ino).ok_or(FsError::NotFound)?;
-        let NodeKind::Dir { children } = &node.kind else {
-            return Err(FsError::NotDirectory);
-        };
-        let dots = [(ino, Kind::Dir, "."), (node.parent, Kind::Dir, "..")];
-        let entries = dots
+    /// Opens a directory: whether the kernel may keep its cached listing
+    /// (nothing changed since it last listed it).
+    pub fn opendir(&self, ino: u64) -> Result<bool, FsError> {
+        // The kernel may answer readdir from its cache: the listing's age
+        // is checked here too.
+        self.refresher.poke();
+        let tree = self.tree();
+        tree.present(ino).ok_or(FsError::NotFound)?;
+        let dir = tree.dir(ino).ok_or(FsError::NotDirectory)?;
+        let listed = dir
+            .listed_generation
+            .swap(dir.generation, Ordering::Relaxed);
+        Ok(listed == dir.generation)
+    }
+
+    /// Stale kernel entries go to `kernel` from now on.
+    pub fn set_kernel_cache(&self, kernel: Box<dyn refresh::KernelCache>) {
+        self.refresher.set_kernel_cache(kernel);
+    }
+
+    /// Lists the provider again now (`vmexportfs refresh`). `path`, inside
+    /// the mount, must be a directory of it; providers list their whole
+    /// inventory, so every directory is refreshed.
+    pub async fn refresh(&self, path: &str) -> Result<Changes, FsError> {
+        self.resolve_dir(path)?;
+        self.refresher
+            .list_now()
+            .await
+            .map_err(|source| FsError::Provider {
+                path: path.to_string(),
+                source: Arc::new(source),
+            })
+    }
+
+    /// The directory at `path` (`/a/b` or `a/b`, names as the mount shows them).
+    fn resolve_dir(&self, path: &str) -> Result<u64, FsError> {
+        let tree = self.tree();
+        let mut ino = ROOT_INO;
+        for name in path
+            .split('/')
+            .filter(|name| !name.is_empty() && *name != ".")
+        {
+            ino = tree.child(ino, name).ok_or(FsError::NotFound)?;
+            tree.present(ino).ok_or(FsError::NotFound)?;
+        }
+        tree.dir(ino).ok_or(FsError::NotDirectory)?;
+        Ok(ino)
+    }
+
+    /// Lists a directory from `offset` on, `.` and `..` first, handing each
+    /// entry to `add` until it says the reply is full (returns true).
+    pub fn readdir(
+        &self,
+        ino: u64,
+        offset: u64,
+        with_attrs: bool,
+        mut add: impl FnMut(DirEntry<'_>) -> bool,
+    ) -> Result<(), FsError> {
+        self.refresher.poke();
+        let tree = self.tree();
+        let node = tree.present(ino).ok_or(FsError::NotFound)?;
+        let dir = tree.dir(ino).ok_or(FsError::NotDirectory)?;
+        for (at, (dot_ino, name)) in [(ino, "."), (node.parent, "..")]
             .into_iter()
-            .map(|(ino, kind, name)| (ino, kind, name.to_string()))
-            .chain(children.iter().map(|(name, &child)| {
-                let kind = match self.tree.get(child).map(|n| &n.kind) {
-                    Some(NodeKind::Dir { .. }) => Kind::Dir,
-                    _ => Kind::File,
-                };
-                (child, kind, name.clone())
-            }))
             .enumerate()
             .skip(offset as usize)
-            .map(|(index, (ino, kind, name))| DirEntry {
-                ino,
-                kind,
+        {
+            let entry = DirEntry {
+                ino: dot_ino,
+                kind: Kind::Dir,
                 name,
-                next_offset: index as u64 + 1,
-            })
-            .collect();
-        Ok(entries)
+                next_offset: at as u64 + 1,
+                attr: with_attrs
+                    .then(|| self.attr_in(&tree, dot_ino).ok())
+                    .flatten(),
+            };
+            if add(entry) {
+                return Ok(());
+            }
+        }
+        let first = offset.saturating_sub(tree::FIRST_CHILD_OFFSET);
+        let Some(rest) = usize::try_from(first)
+            .ok()
+            .and_then(|first| dir.entries.get(first..))
+        else {
+            return Ok(()); // past the end
+        };
+        for (at, &child) in rest.iter().enumerate() {
+            let Some(node) = tree.present(child) else {
+                continue; // gone: its offset stays its own
+            };
+            let entry = DirEntry {
+                ino: child,
+                kind: match node.kind {
+                    NodeKind::Dir(_) => Kind::Dir,
+                    NodeKind::File { .. } => Kind::File,
+                },
+                name: &node.name,
+                next_offset: tree::FIRST_CHILD_OFFSET + first + at as u64 + 1,
+                attr: with_attrs
+                    .then(|| self.attr_in(&tree, child).ok())
+                    .flatten(),
+            };
+            if add(entry) {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Opens a file for reading, pinning the disk's current version.
@@ -212,11 +332,16 @@ impl FsCore {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             return Err(FsError::ReadOnly);
         }
-        let node = self.tree.get(ino).ok_or(FsError::NotFound)?;
-        let NodeKind::File { disk, size } = &node.kind else {
-            return Err(FsError::IsDirectory);
+        // Nothing of the tree is held across the provider's answers.
+        let (disk, path) = {
+            let tree = self.tree();
+            let node = tree.present(ino).ok_or(FsError::NotFound)?;
+            let NodeKind::File { disk, .. } = &node.kind else {
+                return Err(FsError::IsDirectory);
+            };
+            (Arc::clone(disk), tree.path_of(ino))
         };
-        let path = self.tree.path_of(ino);
+        let disk = &disk;
         self.provider.begin_read(disk).await.map_err(|source| {
             tracing::warn!(%path, "open failed: {source}");
             FsError::Provider {
@@ -273,7 +398,13 @@ impl FsCore {
             }
         }
         let current_size = pinned.size;
-        let listed = size.swap(current_size, Ordering::Relaxed);
+        let listed = {
+            let tree = self.tree();
+            match tree.get(ino).map(|node| &node.kind) {
+                Some(NodeKind::File { size, .. }) => tree.set_size(size, current_size),
+                _ => current_size,
+            }
+        };
         if listed != current_size {
             tracing::info!(%path, listed, current_size, "disk size changed since it was listed");
         }
@@ -351,8 +482,8 @@ impl FsCore {
 
     pub fn statfs(&self) -> StatFs {
         StatFs {
-            blocks: self.tree.total_bytes().div_ceil(4096),
-            files: self.tree.len() as u64,
+            blocks: self.tree().total_bytes().div_ceil(4096),
+            files: self.tree().present_count(),
             block_size: 4096,
             name_max: names::NAME_MAX as u32,
         }

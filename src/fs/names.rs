@@ -17,7 +17,6 @@
 //! are settled by [`unique_name`], again by a hash rather than by order.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt::Write;
 
 pub const NAME_MAX: usize = 255;
@@ -96,20 +95,23 @@ fn with_hash(name: &str, hash: &str) -> String {
 /// how many siblings came before it, so a path stays the same whatever
 /// else the directory holds; a second hash round only follows a collision
 /// of the first.
-pub fn unique_name<V>(taken: &BTreeMap<String, V>, candidate: &str, key: &[u8]) -> String {
-    if !taken.contains_key(candidate) {
-        return candidate.to_string();
-    }
-    let mut round: u32 = 0;
-    loop {
+pub fn unique_name(taken: impl Fn(&str) -> bool, candidate: &str, key: &[u8]) -> String {
+    candidate_names(candidate, key)
+        .find(|name| !taken(name))
+        .expect("the candidates never end")
+}
+
+/// The names [`unique_name`] tries, in order: `candidate`, then it marked
+/// with successive hash rounds of `key`. An entry already placed is found
+/// again by walking the same names until one is its own or free.
+pub fn candidate_names<'a>(candidate: &'a str, key: &'a [u8]) -> impl Iterator<Item = String> + 'a {
+    let first = std::iter::once(candidate.to_string());
+    let marked = (0u32..).map(move |round| {
         let hash = fnv1a_from(fnv1a(key), &round.to_le_bytes());
         // 32 bits are plenty to tell a few same-named siblings apart.
-        let name = with_hash(candidate, &format!("{:08x}", (hash ^ (hash >> 32)) as u32));
-        if !taken.contains_key(&name) {
-            return name;
-        }
-        round = round.wrapping_add(1);
-    }
+        with_hash(candidate, &format!("{:08x}", (hash ^ (hash >> 32)) as u32))
+    });
+    first.chain(marked)
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -237,27 +239,36 @@ mod tests {
 
     #[test]
     fn clash_suffixes_come_from_the_key_not_from_the_siblings() {
-        let mut taken = BTreeMap::new();
+        let mut taken = std::collections::BTreeMap::new();
         taken.insert("a".to_string(), ());
-        let first = unique_name(&taken, "a", b"file\0a\0one");
+        let first = unique_name(|name| taken.contains_key(name), "a", b"file\0a\0one");
         assert!(
             first.starts_with("a%~") && first.len() == "a%~".len() + 8,
             "{first}"
         );
-        assert_eq!(unique_name(&taken, "b", b"whatever"), "b");
+        assert_eq!(
+            unique_name(|name| taken.contains_key(name), "b", b"whatever"),
+            "b"
+        );
         // More siblings do not change it; another key gets another name.
         taken.insert("a~2".to_string(), ());
         taken.insert("a~3".to_string(), ());
-        assert_eq!(unique_name(&taken, "a", b"file\0a\0one"), first);
-        assert_ne!(unique_name(&taken, "a", b"file\0a\0two"), first);
+        assert_eq!(
+            unique_name(|name| taken.contains_key(name), "a", b"file\0a\0one"),
+            first
+        );
+        assert_ne!(
+            unique_name(|name| taken.contains_key(name), "a", b"file\0a\0two"),
+            first
+        );
         // A taken suffix (a hash collision) moves on to the next round.
         taken.insert(first.clone(), ());
-        let second = unique_name(&taken, "a", b"file\0a\0one");
+        let second = unique_name(|name| taken.contains_key(name), "a", b"file\0a\0one");
         assert!(second != first && second.starts_with("a%~"), "{second}");
         // A name already at the limit is cut to make room.
         let long = "y".repeat(NAME_MAX);
         taken.insert(long.clone(), ());
-        let next = unique_name(&taken, &long, b"k");
+        let next = unique_name(|name| taken.contains_key(name), &long, b"k");
         assert!(next.len() <= NAME_MAX && is_valid(&next), "{next}");
     }
 

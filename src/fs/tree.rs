@@ -1,4 +1,5 @@
-//! The inode table: built once from the provider's inventory.
+//! The inode table, built from the provider's inventory and kept up to
+//! date by [`super::refresh`].
 //!
 //! Inode 1 is the root. Directories come from path components, files from
 //! disks. Every name is mapped to a valid one ([`super::names`], one-to-one)
@@ -7,113 +8,159 @@
 //! the plain name in such a clash does not depend on listing order: the
 //! directory does (every path beneath it stays put), and the file gets a
 //! suffix hashed from its own raw name and locator; of two disks listed
-//! under one path, the one whose locator sorts first keeps it.
+//! under one path, the one whose locator sorts first keeps it. An entry
+//! that appears later never takes a name already given.
+//!
+//! Sized for millions of disks: lookup, getattr and the next readdir entry
+//! are O(1). A directory keeps its children in listing order (a readdir
+//! offset is a position in it, so resuming costs nothing) and a hash index
+//! of them that stores inode numbers only, hashing the child's own name,
+//! so no name is held twice; the count of sub-directories (`nlink`) and
+//! the total of all sizes (`statfs`) are kept, not counted.
+//!
+//! Nothing is ever taken out: an entry the provider no longer lists is
+//! marked gone (hidden from lookup and listing), so that the same path
+//! keeps its inode number and its place in the listing if it comes back.
 
-use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::names::{unique_name, valid_name};
+use hashbrown::HashTable;
+
+use super::names::{candidate_names, unique_name, valid_name};
+use super::Kind;
 use crate::provider::{DiskEntry, Inventory};
 
 pub const ROOT_INO: u64 = 1;
 
+/// readdir offsets 0 and 1 are `.` and `..`; child `i` is at `i + 2`.
+pub const FIRST_CHILD_OFFSET: u64 = 2;
+
 pub struct Node {
     pub parent: u64,
-    pub name: String,
+    pub name: Box<str>,
     pub mtime: SystemTime,
     pub kind: NodeKind,
 }
 
 pub enum NodeKind {
-    Dir {
-        children: BTreeMap<String, u64>,
-    },
+    /// Index into the tree's directories.
+    Dir(u32),
     File {
         disk: Arc<DiskEntry>,
         /// The size last seen, refreshed when a file is opened.
         size: AtomicU64,
+        /// No longer listed by the provider.
+        gone: bool,
     },
+}
+
+#[derive(Default)]
+pub struct Dir {
+    /// Children in listing order, gone ones included.
+    pub entries: Vec<u64>,
+    /// The same children, found by name.
+    index: HashTable<u64>,
+    /// Sub-directories not gone.
+    pub subdirs: u32,
+    pub gone: bool,
+    /// Bumped whenever an entry is added, goes or comes back: the kernel's
+    /// cached listing of the directory is kept only while it is unchanged.
+    pub generation: u64,
+    /// The generation the kernel last listed.
+    pub listed_generation: AtomicU64,
 }
 
 pub struct Tree {
     nodes: Vec<Node>,
+    dirs: Vec<Dir>,
+    hasher: RandomState,
+    total_bytes: AtomicU64,
+    gone: u64,
 }
 
 impl Tree {
-    pub fn build(inventory: &Inventory) -> Tree {
+    fn empty(capacity: usize) -> Tree {
         let mut tree = Tree {
-            nodes: vec![Node {
-                parent: ROOT_INO,
-                name: String::new(),
-                mtime: SystemTime::UNIX_EPOCH,
-                kind: NodeKind::Dir {
-                    children: BTreeMap::new(),
-                },
-            }],
+            nodes: Vec::with_capacity(capacity + 1),
+            dirs: vec![Dir::default()],
+            hasher: RandomState::new(),
+            total_bytes: AtomicU64::new(0),
+            gone: 0,
         };
-        // (parent, raw name) → directory inode, to place siblings together.
-        let mut dirs: HashMap<(u64, String), u64> = HashMap::new();
-        let mut disks: Vec<&DiskEntry> = inventory.disks.iter().collect();
+        tree.nodes.push(Node {
+            parent: ROOT_INO,
+            name: "".into(),
+            mtime: SystemTime::UNIX_EPOCH,
+            kind: NodeKind::Dir(0),
+        });
+        tree
+    }
+
+    /// Takes the inventory: each disk's path is spent on its place in the
+    /// tree (its [`DiskEntry::path`] is empty afterwards).
+    pub fn build(inventory: Inventory) -> Tree {
+        let Inventory {
+            mut disks,
+            mut empty_dirs,
+        } = inventory;
+        let mut tree = Tree::empty(disks.len());
         disks.sort_by(|a, b| (&a.path, &a.locator).cmp(&(&b.path, &b.locator)));
         // Every directory first, so that a directory's name never depends
         // on whether a file of the same name was listed before it.
         for disk in &disks {
             if let Some((_, dir_path)) = disk.path.split_last() {
-                tree.make_dirs(&mut dirs, dir_path, disk.mtime);
+                tree.make_dirs(dir_path, disk.mtime);
             }
         }
-        let mut empty_dirs: Vec<&Vec<String>> = inventory.empty_dirs.iter().collect();
         empty_dirs.sort();
-        for dir in empty_dirs {
-            tree.make_dirs(&mut dirs, dir, SystemTime::UNIX_EPOCH);
+        for dir in &empty_dirs {
+            tree.make_dirs(dir, SystemTime::UNIX_EPOCH);
         }
+        drop(empty_dirs);
         for disk in disks {
-            let Some((file_name, dir_path)) = disk.path.split_last() else {
-                continue;
-            };
-            let parent = tree.make_dirs(&mut dirs, dir_path, disk.mtime);
-            let key = clash_key("file", file_name, &disk.locator);
-            tree.add_child(
-                parent,
-                file_name,
-                &key,
-                disk.mtime,
-                NodeKind::File {
-                    disk: Arc::new(disk.clone()),
-                    size: AtomicU64::new(disk.size),
-                },
-            );
+            tree.add_disk(disk);
         }
         let newest = tree.nodes.iter().map(|node| node.mtime).max();
         tree.nodes[0].mtime = newest.unwrap_or(SystemTime::UNIX_EPOCH);
+        // Listings come out sorted by name whatever order they were made in.
+        let nodes = &tree.nodes;
+        for dir in &mut tree.dirs {
+            dir.entries.sort_unstable_by(|&a, &b| {
+                nodes[(a - 1) as usize]
+                    .name
+                    .cmp(&nodes[(b - 1) as usize].name)
+            });
+            dir.entries.shrink_to_fit();
+            dir.index
+                .shrink_to_fit(|&ino| tree.hasher.hash_one(&*nodes[(ino - 1) as usize].name));
+        }
+        tree.nodes.shrink_to_fit();
+        tree.dirs.shrink_to_fit();
         tree
     }
 
-    fn make_dirs(
-        &mut self,
-        dirs: &mut HashMap<(u64, String), u64>,
-        path: &[String],
-        mtime: SystemTime,
-    ) -> u64 {
+    /// The directories of `path`, made where missing (or back if gone).
+    pub(super) fn make_dirs(&mut self, path: &[String], mtime: SystemTime) -> u64 {
         let mut parent = ROOT_INO;
         for component in path {
-            let key = (parent, component.clone());
-            parent = match dirs.get(&key) {
-                Some(&ino) => ino,
+            parent = match self.find(parent, component, Kind::Dir, "", |_| false) {
+                Some(ino) => {
+                    let _ = self.set_gone(ino, false);
+                    ino
+                }
                 None => {
-                    let ino = self.add_child(
+                    let dir = self.dirs.len() as u32;
+                    self.dirs.push(Dir::default());
+                    self.add_child(
                         parent,
-                        component,
+                        component.clone(),
                         &clash_key("dir", component, ""),
                         mtime,
-                        NodeKind::Dir {
-                            children: BTreeMap::new(),
-                        },
-                    );
-                    dirs.insert(key, ino);
-                    ino
+                        NodeKind::Dir(dir),
+                    )
                 }
             };
             let node = &mut self.nodes[(parent - 1) as usize];
@@ -122,27 +169,175 @@ impl Tree {
         parent
     }
 
+    /// Places a disk not in the tree (its directories made as needed).
+    pub(super) fn add_disk(&mut self, mut disk: DiskEntry) -> Option<u64> {
+        let mut path = std::mem::take(&mut disk.path);
+        let file_name = path.pop()?;
+        let parent = self.make_dirs(&path, disk.mtime);
+        let key = clash_key("file", &file_name, &disk.locator);
+        let (mtime, size) = (disk.mtime, disk.size);
+        self.add_total(0, size);
+        Some(self.add_child(
+            parent,
+            file_name,
+            &key,
+            mtime,
+            NodeKind::File {
+                disk: Arc::new(disk),
+                size: AtomicU64::new(size),
+                gone: false,
+            },
+        ))
+    }
+
     fn add_child(
         &mut self,
         parent: u64,
-        raw_name: &str,
+        raw_name: String,
         key: &[u8],
         mtime: SystemTime,
         kind: NodeKind,
     ) -> u64 {
         let ino = self.nodes.len() as u64 + 1;
-        let NodeKind::Dir { children } = &mut self.nodes[(parent - 1) as usize].kind else {
+        let NodeKind::Dir(dir) = self.nodes[(parent - 1) as usize].kind else {
             unreachable!("parents are directories");
         };
-        let name = unique_name(children, &valid_name(raw_name), key);
-        children.insert(name.clone(), ino);
+        let valid = valid_name(&raw_name);
+        // Mostly the raw name is valid and free: it becomes the node's name
+        // as it is, with no copy (and no freed string left in the heap).
+        let name = if *valid == *raw_name && self.child(parent, &valid).is_none() {
+            drop(valid);
+            raw_name
+        } else {
+            unique_name(|name| self.child(parent, name).is_some(), &valid, key)
+        };
+        let is_dir = matches!(kind, NodeKind::Dir(_));
+        let hash = self.hasher.hash_one(name.as_str());
         self.nodes.push(Node {
             parent,
-            name,
+            name: name.into_boxed_str(),
             mtime,
             kind,
         });
+        let (nodes, hasher) = (&self.nodes, &self.hasher);
+        let dir = &mut self.dirs[dir as usize];
+        dir.index.insert_unique(hash, ino, |&child| {
+            hasher.hash_one(&*nodes[(child - 1) as usize].name)
+        });
+        dir.entries.push(ino);
+        dir.generation += 1;
+        if is_dir {
+            dir.subdirs += 1;
+        }
         ino
+    }
+
+    /// The entry placed for `raw_name` under `parent` (gone or not): a
+    /// directory, or the file with `locator` that is not `claimed` (two
+    /// disks listed at one path with one locator are two files). Walks the
+    /// names it could have been given until one is its own or free.
+    pub(super) fn find(
+        &self,
+        parent: u64,
+        raw_name: &str,
+        kind: Kind,
+        locator: &str,
+        claimed: impl Fn(u64) -> bool,
+    ) -> Option<u64> {
+        let key = match kind {
+            Kind::Dir => clash_key("dir", raw_name, ""),
+            Kind::File => clash_key("file", raw_name, locator),
+        };
+        for name in candidate_names(&valid_name(raw_name), &key) {
+            let ino = self.child(parent, &name)?;
+            let ours = match &self.nodes[(ino - 1) as usize].kind {
+                NodeKind::Dir(_) => kind == Kind::Dir,
+                NodeKind::File { disk, .. } => {
+                    kind == Kind::File && disk.locator == locator && !claimed(ino)
+                }
+            };
+            if ours {
+                return Some(ino);
+            }
+        }
+        None
+    }
+
+    /// Marks an entry gone or back, keeping the counts; whether it was not
+    /// so already.
+    pub(super) fn set_gone(&mut self, ino: u64, gone: bool) -> bool {
+        let index = (ino - 1) as usize;
+        let parent = self.nodes[index].parent;
+        let was = match &mut self.nodes[index].kind {
+            NodeKind::File {
+                gone: was, size, ..
+            } => {
+                let size = size.load(Ordering::Relaxed);
+                let before = std::mem::replace(was, gone);
+                if before != gone {
+                    if gone {
+                        self.add_total(size, 0);
+                    } else {
+                        self.add_total(0, size);
+                    }
+                }
+                before
+            }
+            NodeKind::Dir(dir) => {
+                let dir = &mut self.dirs[*dir as usize];
+                let before = std::mem::replace(&mut dir.gone, gone);
+                if before != gone && ino != ROOT_INO {
+                    let parent_dir = self.dir_index(parent);
+                    let subdirs = &mut self.dirs[parent_dir].subdirs;
+                    *subdirs = if gone { *subdirs - 1 } else { *subdirs + 1 };
+                }
+                before
+            }
+        };
+        if was != gone {
+            self.gone = if gone { self.gone + 1 } else { self.gone - 1 };
+            let parent_dir = self.dir_index(parent);
+            self.dirs[parent_dir].generation += 1;
+        }
+        was != gone
+    }
+
+    /// A listed file's new size, mtime, version or locator.
+    pub(super) fn replace_disk(&mut self, ino: u64, disk: DiskEntry) {
+        let node = &mut self.nodes[(ino - 1) as usize];
+        node.mtime = disk.mtime;
+        let NodeKind::File {
+            disk: old,
+            size,
+            gone,
+        } = &mut node.kind
+        else {
+            return;
+        };
+        let listed = size.swap(disk.size, Ordering::Relaxed);
+        let counted = !*gone;
+        *old = Arc::new(disk);
+        let current = size.load(Ordering::Relaxed);
+        if counted {
+            self.add_total(listed, current);
+        }
+    }
+
+    fn dir_index(&self, ino: u64) -> usize {
+        match self.nodes[(ino - 1) as usize].kind {
+            NodeKind::Dir(dir) => dir as usize,
+            NodeKind::File { .. } => unreachable!("parents are directories"),
+        }
+    }
+
+    fn add_total(&self, minus: u64, plus: u64) {
+        // Sizes fit in i64 (checked where they entered), but a million of
+        // them still overflow: saturate rather than wrap.
+        let _ = self
+            .total_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
+                Some(total.saturating_sub(minus).saturating_add(plus))
+            });
     }
 
     pub fn get(&self, ino: u64) -> Option<&Node> {
@@ -150,6 +345,36 @@ impl Tree {
             .and_then(|index| self.nodes.get(index as usize))
     }
 
+    /// The entry `ino`, if it is listed now (not gone).
+    pub fn present(&self, ino: u64) -> Option<&Node> {
+        let node = self.get(ino)?;
+        let gone = match &node.kind {
+            NodeKind::Dir(dir) => self.dirs[*dir as usize].gone,
+            NodeKind::File { gone, .. } => *gone,
+        };
+        (!gone).then_some(node)
+    }
+
+    /// The directory `ino` is, if it is one.
+    pub fn dir(&self, ino: u64) -> Option<&Dir> {
+        match self.get(ino)?.kind {
+            NodeKind::Dir(dir) => self.dirs.get(dir as usize),
+            NodeKind::File { .. } => None,
+        }
+    }
+
+    /// The child of directory `parent` called `name`, gone or not.
+    pub fn child(&self, parent: u64, name: &str) -> Option<u64> {
+        let dir = self.dir(parent)?;
+        let hash = self.hasher.hash_one(name);
+        dir.index
+            .find(hash, |&child| {
+                &*self.nodes[(child - 1) as usize].name == name
+            })
+            .copied()
+    }
+
+    /// Inode numbers given out, gone entries included.
     pub fn len(&self) -> usize {
         self.nodes.len()
     }
@@ -158,13 +383,18 @@ impl Tree {
         self.nodes.is_empty()
     }
 
+    /// Entries listed now.
+    pub fn present_count(&self) -> u64 {
+        self.nodes.len() as u64 - self.gone
+    }
+
     /// The path of `ino` inside the mount, for logs and status.
     pub fn path_of(&self, ino: u64) -> String {
         let mut parts = Vec::new();
         let mut current = ino;
         while current != ROOT_INO {
             let Some(node) = self.get(current) else { break };
-            parts.push(node.name.as_str());
+            parts.push(&*node.name);
             current = node.parent;
         }
         parts.reverse();
@@ -172,15 +402,16 @@ impl Tree {
     }
 
     pub fn total_bytes(&self) -> u64 {
-        self.nodes
-            .iter()
-            .map(|node| match &node.kind {
-                NodeKind::File { size, .. } => size.load(Ordering::Relaxed),
-                NodeKind::Dir { .. } => 0,
-            })
-            // Provider sizes are capped at i64::MAX, but a million of them
-            // still overflow: saturate rather than wrap.
-            .fold(0u64, u64::saturating_add)
+        self.total_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Records a file's size as found at open; returns the size listed.
+    pub fn set_size(&self, size: &AtomicU64, current: u64) -> u64 {
+        let listed = size.swap(current, Ordering::Relaxed);
+        if listed != current {
+            self.add_total(listed, current);
+        }
+        listed
     }
 }
 
@@ -200,6 +431,7 @@ fn clash_key(kind: &str, raw_name: &str, locator: &str) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::provider::Version;
+    use std::collections::BTreeMap;
 
     fn disk(path: &[&str], size: u64) -> DiskEntry {
         DiskEntry {
@@ -213,10 +445,20 @@ mod tests {
     }
 
     fn children(tree: &Tree, ino: u64) -> Vec<String> {
-        match &tree.get(ino).unwrap().kind {
-            NodeKind::Dir { children } => children.keys().cloned().collect(),
-            NodeKind::File { .. } => panic!("not a dir"),
+        let dir = tree.dir(ino).expect("a directory");
+        let names: Vec<String> = dir
+            .entries
+            .iter()
+            .map(|&child| tree.get(child).unwrap().name.to_string())
+            .collect();
+        for (name, &child) in names.iter().zip(&dir.entries) {
+            assert_eq!(
+                tree.child(ino, name),
+                Some(child),
+                "{name} is found by name"
+            );
         }
+        names
     }
 
     #[test]
@@ -229,10 +471,24 @@ mod tests {
             ],
             empty_dirs: vec![vec!["vm3".into()]],
         };
-        let tree = Tree::build(&inventory);
+        let tree = Tree::build(inventory);
         assert_eq!(children(&tree, ROOT_INO), ["vm1", "vm2", "vm3"]);
         assert_eq!(tree.total_bytes(), 60);
         assert_eq!(tree.len(), 1 + 3 + 2 + 1 + 1);
+        assert_eq!(tree.dir(ROOT_INO).unwrap().subdirs, 3);
+        let vm2 = tree.child(ROOT_INO, "vm2").unwrap();
+        assert_eq!(tree.dir(vm2).unwrap().subdirs, 1);
+        assert!(tree.child(ROOT_INO, "vm4").is_none());
+        let file = tree
+            .child(tree.child(vm2, "sub").unwrap(), "c.vmdk")
+            .unwrap();
+        assert!(tree.dir(file).is_none());
+        let NodeKind::File { size, .. } = &tree.get(file).unwrap().kind else {
+            panic!("a file");
+        };
+        // A size found at open moves the total with it.
+        assert_eq!(tree.set_size(size, 35), 30);
+        assert_eq!(tree.total_bytes(), 65);
     }
 
     #[test]
@@ -248,29 +504,28 @@ mod tests {
             ],
             empty_dirs: vec![],
         };
-        let tree = Tree::build(&inventory);
+        let tree = Tree::build(inventory);
         let top = children(&tree, ROOT_INO);
         assert_eq!(top.len(), 4, "{top:?}");
         assert_eq!(&top[..2], ["%2E%2E", "a"]);
         // The directory keeps `a`; the file is told apart by a hash.
         assert!(top[2].starts_with("a%~"), "{top:?}");
         assert_eq!(top[3], "v");
-        let a = tree.nodes.iter().position(|n| n.name == "a").unwrap();
-        assert!(matches!(tree.nodes[a].kind, NodeKind::Dir { .. }));
-        let v = tree.nodes.iter().position(|n| n.name == "v").unwrap() as u64 + 1;
+        let a = tree.child(ROOT_INO, "a").unwrap();
+        assert!(tree.dir(a).is_some());
+        let v = tree.child(ROOT_INO, "v").unwrap();
         // One-to-one: no clash among these three, no suffix needed.
         assert_eq!(children(&tree, v), ["%", "%00", "%2500"]);
         let paths: Vec<String> = (1..=tree.len() as u64).map(|i| tree.path_of(i)).collect();
         assert!(paths.contains(&"/%2E%2E/x".to_string()));
     }
 
-    /// Each disk (by path and locator) → its path in the mount.
-    fn placed(tree: &Tree) -> BTreeMap<(Vec<String>, String), String> {
+    /// Each disk (by locator, which these tests make unique) → its path
+    /// in the mount.
+    fn placed(tree: &Tree) -> BTreeMap<String, String> {
         (1..=tree.len() as u64)
             .filter_map(|ino| match &tree.get(ino)?.kind {
-                NodeKind::File { disk, .. } => {
-                    Some(((disk.path.clone(), disk.locator.clone()), tree.path_of(ino)))
-                }
+                NodeKind::File { disk, .. } => Some((disk.locator.clone(), tree.path_of(ino))),
                 NodeKind::Dir { .. } => None,
             })
             .collect()
@@ -280,7 +535,7 @@ mod tests {
     fn a_new_sibling_renames_nothing() {
         let mut disks = vec![disk(&["vm", "dup"], 1), disk(&["vm", "a/b"], 1)];
         disks[0].locator = "one".into();
-        let before = placed(&Tree::build(&Inventory {
+        let before = placed(&Tree::build(Inventory {
             disks: disks.clone(),
             empty_dirs: vec![],
         }));
@@ -291,7 +546,7 @@ mod tests {
         let mut second = disk(&["vm", "dup"], 1);
         second.locator = "two".into();
         more.push(second);
-        let after = placed(&Tree::build(&Inventory {
+        let after = placed(&Tree::build(Inventory {
             disks: more,
             empty_dirs: vec![],
         }));
@@ -324,7 +579,8 @@ mod tests {
                     .into_iter()
                     .map(|(path, locator)| {
                         let mut entry = disk(&path, 1);
-                        entry.locator = format!("{}#{locator}", entry.locator);
+                        // The components' debug form keeps `a/b` and `a`,`b` apart.
+                        entry.locator = format!("{path:?}#{locator}");
                         entry
                     })
                     .collect()
@@ -340,7 +596,7 @@ mod tests {
                 })
             ) {
                 let inventory = |disks: &Vec<DiskEntry>| Inventory { disks: disks.clone(), empty_dirs: vec![] };
-                let tree = Tree::build(&inventory(&disks));
+                let tree = Tree::build(inventory(&disks));
                 let paths = placed(&tree);
                 let mut files: Vec<String> = (1..=tree.len() as u64)
                     .filter(|&ino| matches!(tree.get(ino).unwrap().kind, NodeKind::File { .. }))
@@ -354,7 +610,7 @@ mod tests {
                     let node = tree.get(ino).unwrap();
                     prop_assert!(ino == ROOT_INO || crate::fs::names::is_valid(&node.name), "{:?}", node.name);
                 }
-                prop_assert_eq!(placed(&Tree::build(&inventory(&shuffled))), paths);
+                prop_assert_eq!(placed(&Tree::build(inventory(&shuffled))), paths);
             }
         }
     }

@@ -109,7 +109,7 @@ impl LocalTree {
             path,
             size: meta.len(),
             mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            version: Version::File(identity_of(meta)),
+            version: Version::File(Box::new(identity_of(meta))),
             locator: percent_encode(relative.as_os_str().as_bytes(), LOCATOR_ESCAPES).to_string(),
             allocated: Some((meta.blocks() * 512).min(meta.len())),
         }
@@ -152,7 +152,7 @@ impl LocalTree {
         }
         Ok(Pinned {
             size: identity.size,
-            version: Version::File(identity),
+            version: Version::File(Box::new(identity)),
             handle: Some(Arc::new(OpenFile {
                 file,
                 identity,
@@ -268,7 +268,7 @@ impl OpenFile {
         }
         if !self.change_logged.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                pinned = %pinned.version, now = %Version::File(now),
+                pinned = %pinned.version, now = %Version::File(Box::new(now)),
                 "the file was modified in place while open"
             );
         }
@@ -492,13 +492,13 @@ mod tests {
             path: vec!["disk.raw".into()],
             size: 0,
             mtime: SystemTime::UNIX_EPOCH,
-            version: Version::File(FileIdentity {
+            version: Version::File(Box::new(FileIdentity {
                 dev: 0,
                 ino: 0,
                 size: 0,
                 mtime: (0, 0),
                 ctime: (0, 0),
-            }),
+            })),
             locator: "disk.raw".into(),
             allocated: None,
         }

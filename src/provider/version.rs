@@ -17,7 +17,7 @@ pub enum Version {
     /// validator is still sent and checked.
     Snapshot { id: String, file: Box<Version> },
     /// A local file's identity and times (dir://, hyperv://).
-    File(FileIdentity),
+    File(Box<FileIdentity>),
     /// An HTTP Last-Modified date, as the server wrote it.
     Modified(String),
     /// Nothing but the size.
@@ -117,7 +117,7 @@ impl Version {
 
     pub fn file(&self) -> Option<&FileIdentity> {
         match self {
-            Version::File(identity) => Some(identity),
+            Version::File(identity) => Some(identity.as_ref()),
             _ => None,
         }
     }
@@ -148,13 +148,13 @@ mod tests {
 
     #[test]
     fn each_kind_has_its_strength() {
-        let file = Version::File(FileIdentity {
+        let file = Version::File(Box::new(FileIdentity {
             dev: 1,
             ino: 2,
             size: 3,
             mtime: (4, 0),
             ctime: (5, 0),
-        });
+        }));
         let snapshot = Version::Snapshot {
             id: "snapshot-7".into(),
             file: Box::new(Version::Modified("Tue, 01 Dec 2026 10:00:00 GMT".into())),

@@ -43,7 +43,7 @@ pub fn spawn(path: &Arc<ReadPath>) {
 }
 
 #[cfg(target_env = "gnu")]
-fn release_free_memory() {
+pub fn release_free_memory() {
     // SAFETY: malloc_trim only walks glibc's own arenas under their locks.
     unsafe {
         libc::malloc_trim(0);
@@ -51,4 +51,4 @@ fn release_free_memory() {
 }
 
 #[cfg(not(target_env = "gnu"))]
-fn release_free_memory() {}
+pub fn release_free_memory() {}

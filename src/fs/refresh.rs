@@ -1,0 +1,531 @@
+//! A live inventory: the provider is listed again when the listing is
+//! older than `refresh=`, and the tree takes in what changed.
+//!
+//! A lookup or readdir that finds the listing stale starts a listing in a
+//! tokio task and is answered from the tree as it is: listing never runs
+//! on a FUSE thread, and reads never touch the tree. What the new listing
+//! means for the tree is worked out under the read lock (every FUSE
+//! request goes on meanwhile); only the changes are made under the write
+//! lock. A disk found again at its path keeps its inode; one no longer
+//! listed is marked gone (open files keep their own copy of it and read on
+//! from their pinned version while the provider serves it).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::names::valid_name;
+use super::tree::{NodeKind, Tree, ROOT_INO};
+use super::Kind;
+use crate::provider::{DiskEntry, Inventory, Provider, ProviderError};
+use crate::read::retry::Budget;
+use crate::read::ReadPath;
+
+/// What one listing changed, in disks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Changes {
+    pub added: u64,
+    pub removed: u64,
+    pub changed: u64,
+}
+
+/// A kernel cache entry a listing made stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stale {
+    /// The name `name` in directory `parent` (gone, or now another entry).
+    Entry { parent: u64, name: Box<str> },
+    /// The attributes (size, mtime, nlink) and listing of `ino`.
+    Attrs(u64),
+}
+
+/// The kernel's caches of names and attributes (the FUSE adapter's
+/// notifications), told what a listing changed so that nothing stale is
+/// kept for the rest of its time to live.
+pub trait KernelCache: Send + Sync {
+    fn invalidate(&self, stale: &Stale);
+}
+
+/// What a listing means for the tree, worked out without changing it.
+pub(super) struct Plan {
+    /// By inode - 1: listed again (so not gone).
+    seen: Vec<bool>,
+    /// Files listed again with another size, mtime, version or locator.
+    changed: Vec<(u64, DiskEntry)>,
+    /// Disks at paths the tree does not hold.
+    added: Vec<DiskEntry>,
+    /// Empty directories the tree does not hold.
+    new_dirs: Vec<Vec<String>>,
+}
+
+pub(super) fn plan(tree: &Tree, inventory: Inventory) -> Plan {
+    let Inventory {
+        mut disks,
+        empty_dirs,
+    } = inventory;
+    // As at build: of two disks at one path, the locator sorting first is
+    // matched first.
+    disks.sort_by(|a, b| (&a.path, &a.locator).cmp(&(&b.path, &b.locator)));
+    let mut plan = Plan {
+        seen: vec![false; tree.len()],
+        changed: Vec::new(),
+        added: Vec::new(),
+        new_dirs: Vec::new(),
+    };
+    plan.seen[(ROOT_INO - 1) as usize] = true;
+    // First every disk found with its own locator, then the rest: a disk
+    // whose locator changed may take the file at its plain name only if
+    // no disk of this listing is that file.
+    let mut unmatched = Vec::new();
+    for disk in disks {
+        let Some((file_name, dir_path)) = disk.path.split_last() else {
+            continue;
+        };
+        let found = existing_dir(tree, dir_path, &mut plan.seen).and_then(|parent| {
+            let seen = &plan.seen;
+            tree.find(parent, file_name, Kind::File, &disk.locator, |ino| {
+                seen[(ino - 1) as usize]
+            })
+        });
+        match found {
+            Some(ino) => plan.matched(tree, ino, disk),
+            None => unmatched.push(disk),
+        }
+    }
+    for disk in unmatched {
+        let Some((file_name, dir_path)) = disk.path.split_last() else {
+            continue;
+        };
+        let plain = existing_dir(tree, dir_path, &mut plan.seen)
+            .and_then(|parent| tree.child(parent, &valid_name(file_name)))
+            .filter(|&ino| {
+                !plan.seen[(ino - 1) as usize]
+                    && matches!(
+                        tree.get(ino).map(|node| &node.kind),
+                        Some(NodeKind::File { .. })
+                    )
+            });
+        match plain {
+            Some(ino) => plan.matched(tree, ino, disk),
+            None => plan.added.push(disk),
+        }
+    }
+    for dir in empty_dirs {
+        if existing_dir(tree, &dir, &mut plan.seen).is_none() {
+            plan.new_dirs.push(dir);
+        }
+    }
+    plan
+}
+
+/// The directory at `path` if the tree has all of it, marking each seen.
+fn existing_dir(tree: &Tree, path: &[String], seen: &mut [bool]) -> Option<u64> {
+    let mut parent = ROOT_INO;
+    for component in path {
+        parent = tree.find(parent, component, Kind::Dir, "", |_| false)?;
+        seen[(parent - 1) as usize] = true;
+    }
+    Some(parent)
+}
+
+impl Plan {
+    /// `disk` is listed again as file `ino`.
+    fn matched(&mut self, tree: &Tree, ino: u64, mut disk: DiskEntry) {
+        self.seen[(ino - 1) as usize] = true;
+        disk.path = Vec::new();
+        if let Some(NodeKind::File { disk: listed, .. }) = tree.get(ino).map(|node| &node.kind) {
+            if **listed != disk {
+                self.changed.push((ino, disk));
+            }
+        }
+    }
+}
+
+pub(super) fn apply(tree: &mut Tree, plan: Plan, stale: &mut Vec<Stale>) -> Changes {
+    let mut changes = Changes::default();
+    for (ino, disk) in plan.changed {
+        tree.replace_disk(ino, disk);
+        changes.changed += 1;
+        stale.push(Stale::Attrs(ino));
+    }
+    for (index, &seen) in plan.seen.iter().enumerate() {
+        let ino = index as u64 + 1;
+        let is_file = matches!(
+            tree.get(ino).map(|node| &node.kind),
+            Some(NodeKind::File { .. })
+        );
+        if tree.set_gone(ino, !seen) {
+            let Some(node) = tree.get(ino) else { continue };
+            if !seen {
+                stale.push(Stale::Entry {
+                    parent: node.parent,
+                    name: node.name.clone(),
+                });
+            }
+            stale.push(Stale::Attrs(node.parent));
+            if is_file {
+                if seen {
+                    changes.added += 1;
+                } else {
+                    changes.removed += 1;
+                }
+            }
+        }
+    }
+    for disk in plan.added {
+        if let Some(ino) = tree.add_disk(disk) {
+            changes.added += 1;
+            if let Some(node) = tree.get(ino) {
+                stale.push(Stale::Attrs(node.parent));
+            }
+        }
+    }
+    for dir in plan.new_dirs {
+        tree.make_dirs(&dir, SystemTime::UNIX_EPOCH);
+    }
+    changes
+}
+
+/// Lists the provider when the listing is older than `every`.
+pub struct Refresher {
+    every: Option<Duration>,
+    provider: Arc<dyn Provider>,
+    read_path: Arc<ReadPath>,
+    tree: Arc<RwLock<Tree>>,
+    listed_at: Mutex<Instant>,
+    running: AtomicBool,
+    /// One listing at a time; `vmexportfs refresh` waits its turn.
+    turn: tokio::sync::Mutex<()>,
+    runtime: tokio::runtime::Handle,
+    kernel: OnceLock<Box<dyn KernelCache>>,
+}
+
+impl Refresher {
+    pub(super) fn new(
+        every: Option<Duration>,
+        provider: Arc<dyn Provider>,
+        read_path: Arc<ReadPath>,
+        tree: Arc<RwLock<Tree>>,
+    ) -> Arc<Refresher> {
+        Arc::new(Refresher {
+            every,
+            provider,
+            read_path,
+            tree,
+            listed_at: Mutex::new(Instant::now()),
+            running: AtomicBool::new(false),
+            turn: tokio::sync::Mutex::new(()),
+            runtime: tokio::runtime::Handle::current(),
+            kernel: OnceLock::new(),
+        })
+    }
+
+    /// Where stale kernel entries are reported, once the mount is up.
+    pub fn set_kernel_cache(&self, kernel: Box<dyn KernelCache>) {
+        let _ = self.kernel.set(kernel);
+    }
+
+    /// Starts a listing in the background if the last one is stale; the
+    /// caller answers from the tree as it is.
+    pub fn poke(self: &Arc<Self>) {
+        let Some(every) = self.every else { return };
+        let stale = self
+            .listed_at
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .elapsed()
+            >= every;
+        if !stale || self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let refresher = Arc::clone(self);
+        self.runtime.spawn(async move {
+            if let Err(err) = refresher.list_now().await {
+                // The tree stays as it was; the next stale request tries again.
+                tracing::warn!(
+                    operation = "refresh",
+                    "listing the inventory again failed: {err}"
+                );
+            }
+            refresher.running.store(false, Ordering::Release);
+        });
+    }
+
+    /// Lists the provider now and takes the changes in.
+    pub async fn list_now(&self) -> Result<Changes, ProviderError> {
+        let _turn = self.turn.lock().await;
+        let started = Instant::now();
+        let inventory = self
+            .read_path
+            .retrying(&mut Budget::default(), "/", "list", || self.provider.list())
+            .await?;
+        let inventory = super::refuse_impossible_sizes(inventory);
+        let tree = Arc::clone(&self.tree);
+        // Working out a million entries takes a while: not on a worker that
+        // other tasks (reads) are queued behind.
+        let (changes, stale) = tokio::task::spawn_blocking(move || {
+            let plan = plan(&tree.read().unwrap_or_else(|p| p.into_inner()), inventory);
+            let mut stale = Vec::new();
+            let changes = apply(
+                &mut tree.write().unwrap_or_else(|p| p.into_inner()),
+                plan,
+                &mut stale,
+            );
+            (changes, stale)
+        })
+        .await
+        .map_err(|err| ProviderError::Internal(format!("refresh: {err}")))?;
+        // Outside the tree's lock: the kernel may be waiting on a lookup
+        // that needs it while it takes a notification.
+        if let Some(kernel) = self.kernel.get() {
+            let mut stale = stale;
+            stale.dedup();
+            for entry in &stale {
+                kernel.invalidate(entry);
+            }
+        }
+        *self
+            .listed_at
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Instant::now();
+        if changes != Changes::default() {
+            tracing::info!(
+                added = changes.added,
+                removed = changes.removed,
+                changed = changes.changed,
+                seconds = started.elapsed().as_secs_f64(),
+                "inventory listed again"
+            );
+        } else {
+            tracing::debug!(
+                seconds = started.elapsed().as_secs_f64(),
+                "inventory listed again: no change"
+            );
+        }
+        Ok(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::provider::Version;
+    use std::collections::BTreeMap;
+
+    fn disk(path: &str, size: u64, locator: &str) -> DiskEntry {
+        DiskEntry {
+            path: path.split('/').map(str::to_string).collect(),
+            size,
+            mtime: SystemTime::UNIX_EPOCH + Duration::from_secs(size),
+            version: Version::Size(size),
+            locator: locator.into(),
+            allocated: None,
+        }
+    }
+
+    fn inventory(disks: Vec<DiskEntry>) -> Inventory {
+        Inventory {
+            disks,
+            empty_dirs: vec![],
+        }
+    }
+
+    fn counted(added: u64, removed: u64, changed: u64) -> Changes {
+        Changes {
+            added,
+            removed,
+            changed,
+        }
+    }
+
+    /// All four disks of the first test, as listed at its end.
+    fn all_four() -> Vec<DiskEntry> {
+        vec![
+            disk("vm1/a.vmdk", 10, "vm1/a"),
+            disk("vm1/b.vmdk", 25, "vm1/b"),
+            disk("vm2/c.vmdk", 30, "vm2/c"),
+            disk("vm3/d.vmdk", 40, "vm3/d"),
+        ]
+    }
+
+    fn refresh(tree: &mut Tree, disks: Vec<DiskEntry>) -> Changes {
+        let plan = plan(tree, inventory(disks));
+        apply(tree, plan, &mut Vec::new())
+    }
+
+    /// Every path listed now → (inode, size, locator).
+    fn listed(tree: &Tree) -> BTreeMap<String, (u64, u64, String)> {
+        (1..=tree.len() as u64)
+            .filter_map(|ino| match &tree.present(ino)?.kind {
+                NodeKind::File { disk, size, .. } => Some((
+                    tree.path_of(ino),
+                    (ino, size.load(Ordering::Relaxed), disk.locator.clone()),
+                )),
+                NodeKind::Dir(_) => None,
+            })
+            .filter(|(path, _)| {
+                // Under a gone directory is gone too.
+                let mut ino = tree_ino(tree, path);
+                while ino != ROOT_INO {
+                    if tree.present(ino).is_none() {
+                        return false;
+                    }
+                    ino = tree.get(ino).unwrap().parent;
+                }
+                true
+            })
+            .collect()
+    }
+
+    fn tree_ino(tree: &Tree, path: &str) -> u64 {
+        path.split('/')
+            .filter(|name| !name.is_empty())
+            .fold(ROOT_INO, |ino, name| tree.child(ino, name).unwrap())
+    }
+
+    #[test]
+    fn new_disks_appear_removed_ones_go_and_paths_keep_their_inodes() {
+        let mut tree = Tree::build(inventory(vec![
+            disk("vm1/a.vmdk", 10, "vm1/a"),
+            disk("vm1/b.vmdk", 20, "vm1/b"),
+            disk("vm2/c.vmdk", 30, "vm2/c"),
+        ]));
+        let before = listed(&tree);
+        let vm2 = tree.child(ROOT_INO, "vm2").unwrap();
+        assert_eq!(tree.dir(ROOT_INO).unwrap().subdirs, 2);
+        let changes = refresh(
+            &mut tree,
+            vec![
+                disk("vm1/a.vmdk", 10, "vm1/a"),
+                // Replaced: new size and mtime, same path.
+                disk("vm1/b.vmdk", 25, "vm1/b"),
+                disk("vm3/d.vmdk", 40, "vm3/d"),
+            ],
+        );
+        assert_eq!(changes, counted(1, 1, 1));
+        let after = listed(&tree);
+        assert_eq!(after.len(), 3);
+        assert_eq!(after["/vm1/a.vmdk"], before["/vm1/a.vmdk"]);
+        assert_eq!(
+            after["/vm1/b.vmdk"].0, before["/vm1/b.vmdk"].0,
+            "same inode"
+        );
+        assert_eq!(after["/vm1/b.vmdk"].1, 25);
+        assert!(!after.contains_key("/vm2/c.vmdk"));
+        // vm2 is gone with its only disk; vm3 came.
+        assert!(tree.present(vm2).is_none());
+        assert_eq!(tree.dir(ROOT_INO).unwrap().subdirs, 2);
+        assert_eq!(tree.total_bytes(), 10 + 25 + 40);
+        assert_eq!(tree.present_count(), 1 + 2 + 3);
+        // It comes back: at its old inode, under its old directory.
+        let changes = refresh(&mut tree, all_four());
+        assert_eq!(changes, counted(1, 0, 0));
+        assert_eq!(listed(&tree)["/vm2/c.vmdk"].0, before["/vm2/c.vmdk"].0);
+        assert!(tree.present(vm2).is_some());
+        assert_eq!(tree.dir(ROOT_INO).unwrap().subdirs, 3);
+        // Listing the same again changes nothing.
+        let same = refresh(&mut tree, all_four());
+        assert_eq!(same, Changes::default());
+    }
+
+    #[test]
+    fn a_disk_whose_locator_changes_keeps_its_path() {
+        let mut tree = Tree::build(inventory(vec![disk("vm/a.vmdk", 1, "https://x/a?night=1")]));
+        let ino = listed(&tree)["/vm/a.vmdk"].0;
+        let changes = refresh(&mut tree, vec![disk("vm/a.vmdk", 1, "https://x/a?night=2")]);
+        assert_eq!(changes, counted(0, 0, 1));
+        let after = listed(&tree);
+        assert_eq!(after["/vm/a.vmdk"], (ino, 1, "https://x/a?night=2".into()));
+    }
+
+    #[test]
+    fn a_listed_directory_changes_generation_and_an_unchanged_one_does_not() {
+        let mut tree = Tree::build(inventory(vec![
+            disk("vm1/a.vmdk", 1, "a"),
+            disk("vm2/b.vmdk", 1, "b"),
+        ]));
+        let (vm1, vm2) = (
+            tree.child(ROOT_INO, "vm1").unwrap(),
+            tree.child(ROOT_INO, "vm2").unwrap(),
+        );
+        let generations = |tree: &Tree| {
+            (
+                tree.dir(vm1).unwrap().generation,
+                tree.dir(vm2).unwrap().generation,
+            )
+        };
+        let before = generations(&tree);
+        refresh(
+            &mut tree,
+            vec![
+                disk("vm1/a.vmdk", 1, "a"),
+                disk("vm2/b.vmdk", 1, "b"),
+                disk("vm2/c.vmdk", 1, "c"),
+            ],
+        );
+        let after = generations(&tree);
+        assert_eq!(after.0, before.0);
+        assert_ne!(after.1, before.1);
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn listings() -> impl Strategy<Value = Vec<Vec<(String, u64, u8)>>> {
+            let path = prop_oneof![
+                Just("a/x"),
+                Just("a/y"),
+                Just("b/x"),
+                Just("a"),
+                Just("b"),
+                Just("a/x/z"),
+                Just("c/%"),
+            ];
+            let entry = (path.prop_map(str::to_string), 1u64..4, 0u8..2);
+            proptest::collection::vec(proptest::collection::vec(entry, 0..8), 1..6)
+        }
+
+        proptest! {
+            /// After each listing, what the tree lists is that listing: one
+            /// file per disk, its size, and a disk also in the listing
+            /// before (same path, same locator) keeps its inode.
+            #[test]
+            fn the_tree_follows_every_listing(listings in listings()) {
+                let to_disks = |listing: &Vec<(String, u64, u8)>| -> Vec<DiskEntry> {
+                    let mut seen = std::collections::BTreeSet::new();
+                    listing
+                        .iter()
+                        .filter(|(path, _, locator)| seen.insert((path.clone(), *locator)))
+                        .map(|(path, size, locator)| disk(path, *size, &format!("{path}#{locator}")))
+                        .collect()
+                };
+                let mut tree = Tree::build(inventory(to_disks(&listings[0])));
+                let mut inodes: BTreeMap<String, u64> = BTreeMap::new();
+                for (round, listing) in listings.iter().enumerate() {
+                    let disks = to_disks(listing);
+                    if round > 0 {
+                        refresh(&mut tree, disks.clone());
+                    }
+                    let now = listed(&tree);
+                    prop_assert_eq!(now.len(), disks.len(), "{:?}", now);
+                    let mut by_locator: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+                    for (ino, size, locator) in now.values() {
+                        by_locator.insert(locator.clone(), (*ino, *size));
+                    }
+                    let mut now_inodes = BTreeMap::new();
+                    for disk in &disks {
+                        let (ino, size) = by_locator[&disk.locator];
+                        prop_assert_eq!(size, disk.size);
+                        if let Some(&before) = inodes.get(&disk.locator) {
+                            prop_assert_eq!(ino, before, "{} moved", disk.locator);
+                        }
+                        now_inodes.insert(disk.locator.clone(), ino);
+                    }
+                    inodes = now_inodes;
+                    let total: u64 = disks.iter().map(|d| d.size).sum();
+                    prop_assert_eq!(tree.total_bytes(), total);
+                }
+            }
+        }
+    }
+}
