@@ -3,12 +3,13 @@
 # nginx (the HTTP stand-in), moto (S3), Azurite (Azure Blob),
 # fake-gcs-server (GCS), the vSphere simulator (built from Debian's govmomi
 # library and tests/vcsim/main.go), Redis (the fleet budget), rsync, and the
-# tools the tests drive (curl, script, setpriv).
+# tools the tests drive (curl, script, setpriv), and cargo-deb and man for
+# the package test.
 # Idempotent: packages already present are not fetched again.
 set -eu
 
 need_apt=
-for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm qemu-img:qemu-utils openssl:openssl go:golang-go redis-server:redis-server script:bsdutils setpriv:util-linux debugfs:e2fsprogs mkfs.ext4:e2fsprogs; do
+for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm qemu-img:qemu-utils openssl:openssl go:golang-go redis-server:redis-server script:bsdutils setpriv:util-linux debugfs:e2fsprogs mkfs.ext4:e2fsprogs man:man-db gzip:gzip dpkg-deb:dpkg; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt="$need_apt ${tool#*:}"
 done
 
@@ -69,6 +70,12 @@ if [ ! -x "$vcsim_bin" ] || [ "$vcsim_src/main.go" -nt "$vcsim_bin" ]; then
 fi
 command -v vmexportfs-vcsim >/dev/null 2>&1 || { echo "install-test-deps: vmexportfs-vcsim not built" >&2; exit 1; }
 
+# cargo-deb builds the Debian package that tests/package.rs installs.
+if ! command -v cargo-deb >/dev/null 2>&1; then
+    cargo install --quiet --locked cargo-deb --version 3.8.0
+fi
+command -v cargo-deb >/dev/null 2>&1 || { echo "install-test-deps: cargo-deb not on PATH after cargo install" >&2; exit 1; }
+
 # The tests start their own Redis on free loopback ports; the packaged
 # service is not needed.
 if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
@@ -83,4 +90,4 @@ fi
 
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || true
 [ -e /dev/fuse ] || { echo "install-test-deps: /dev/fuse is missing" >&2; exit 1; }
-echo "install-test-deps: fuse3, nginx, moto, azurite, fake-gcs-server, vmexportfs-vcsim, redis-server, rsync, curl present"
+echo "install-test-deps: fuse3, nginx, moto, azurite, fake-gcs-server, vmexportfs-vcsim, redis-server, rsync, curl, cargo-deb, man present"

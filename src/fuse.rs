@@ -69,6 +69,62 @@ fn contained(operation: &'static str, handler: impl FnOnce()) {
     }
 }
 
+// Answers for requests about a directory's children, which a directory
+// never listed (a provider listed one level at a time) gets only after its
+// listing, from a task: the FUSE thread never waits for a provider.
+
+fn answer_lookup(core: &FsCore, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    match core.lookup(parent.0, name) {
+        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+        Err(err) => reply.error(errno(&err)),
+    }
+}
+
+fn answer_readdir(core: &FsCore, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
+    let listed = core.readdir(ino.0, offset, false, |entry| {
+        reply.add(
+            INodeNo(entry.ino),
+            entry.next_offset,
+            file_type(entry.kind),
+            entry.name,
+        )
+    });
+    match listed {
+        Ok(()) => reply.ok(),
+        Err(err) => reply.error(errno(&err)),
+    }
+}
+
+fn answer_readdirplus(core: &FsCore, ino: INodeNo, offset: u64, mut reply: ReplyDirectoryPlus) {
+    let listed = core.readdir(ino.0, offset, true, |entry| {
+        let Some(attr) = entry.attr else {
+            return false; // every listed entry has them
+        };
+        reply.add(
+            INodeNo(entry.ino),
+            entry.next_offset,
+            entry.name,
+            &TTL,
+            &file_attr(&attr),
+            Generation(0),
+        )
+    });
+    match listed {
+        Ok(()) => reply.ok(),
+        Err(err) => reply.error(errno(&err)),
+    }
+}
+
+/// A directory's listing failed, for readdir: the kernel reads ENOENT
+/// from readdir as the end of the listing, and an empty directory must
+/// never stand for one that could not be listed.
+fn listing_errno(err: &FsError) -> Errno {
+    match err.errno() {
+        libc::ENOENT => Errno::EIO,
+        errno => Errno::from_i32(errno),
+    }
+}
+
 fn errno(err: &FsError) -> Errno {
     Errno::from_i32(err.errno())
 }
@@ -126,10 +182,18 @@ impl fuser::Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        contained("lookup", || match self.core.lookup(parent.0, name) {
-            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
-            Err(err) => reply.error(errno(&err)),
-        })
+        if self.core.needs_listing(parent.0) {
+            let core = Arc::clone(&self.core);
+            let name = name.to_owned();
+            self.runtime.spawn(async move {
+                match core.list_dir(parent.0).await {
+                    Ok(()) => contained("lookup", || answer_lookup(&core, parent, &name, reply)),
+                    Err(err) => reply.error(errno(&err)),
+                }
+            });
+            return;
+        }
+        contained("lookup", || answer_lookup(&self.core, parent, name, reply))
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -339,22 +403,19 @@ impl fuser::Filesystem for FuseAdapter {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        contained("readdir", || {
-            let listed = self.core.readdir(ino.0, offset, false, |entry| {
-                reply.add(
-                    INodeNo(entry.ino),
-                    entry.next_offset,
-                    file_type(entry.kind),
-                    entry.name,
-                )
+        if self.core.needs_listing(ino.0) {
+            let core = Arc::clone(&self.core);
+            self.runtime.spawn(async move {
+                match core.list_dir(ino.0).await {
+                    Ok(()) => contained("readdir", || answer_readdir(&core, ino, offset, reply)),
+                    Err(err) => reply.error(listing_errno(&err)),
+                }
             });
-            match listed {
-                Ok(()) => reply.ok(),
-                Err(err) => reply.error(errno(&err)),
-            }
-        })
+            return;
+        }
+        contained("readdir", || answer_readdir(&self.core, ino, offset, reply))
     }
 
     /// readdir with each entry's attributes, so that `ls -l` needs no
@@ -365,26 +426,22 @@ impl fuser::Filesystem for FuseAdapter {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectoryPlus,
+        reply: ReplyDirectoryPlus,
     ) {
-        contained("readdirplus", || {
-            let listed = self.core.readdir(ino.0, offset, true, |entry| {
-                let Some(attr) = entry.attr else {
-                    return false; // every listed entry has them
-                };
-                reply.add(
-                    INodeNo(entry.ino),
-                    entry.next_offset,
-                    entry.name,
-                    &TTL,
-                    &file_attr(&attr),
-                    Generation(0),
-                )
+        if self.core.needs_listing(ino.0) {
+            let core = Arc::clone(&self.core);
+            self.runtime.spawn(async move {
+                match core.list_dir(ino.0).await {
+                    Ok(()) => contained("readdirplus", || {
+                        answer_readdirplus(&core, ino, offset, reply)
+                    }),
+                    Err(err) => reply.error(listing_errno(&err)),
+                }
             });
-            match listed {
-                Ok(()) => reply.ok(),
-                Err(err) => reply.error(errno(&err)),
-            }
+            return;
+        }
+        contained("readdirplus", || {
+            answer_readdirplus(&self.core, ino, offset, reply)
         })
     }
 

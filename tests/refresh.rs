@@ -55,8 +55,11 @@ fn disks_that_land_go_or_change_after_the_mount_show_so_on_refresh() {
     let output = refresh(&mount, None);
     assert_succeeded(&output);
     let said = String::from_utf8_lossy(&output.stdout);
+    // dir:// is listed one directory at a time: the refresh lists again the
+    // root and vm1; the new vm2 is listed when first used, so its disk is
+    // not counted here.
     assert!(
-        said.contains("1 disk(s) added, 1 removed, 1 changed"),
+        said.contains("0 disk(s) added, 1 removed, 1 changed"),
         "{said}"
     );
     assert_eq!(names(&mount.path), set(&["vm1", "vm2"]));
@@ -108,7 +111,11 @@ fn a_stale_listing_is_listed_again_in_the_background() {
         assert!(Instant::now() < deadline, "two.raw never appeared");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(mount.log_text().contains("inventory listed again"));
+    assert!(
+        mount.log_text().contains("directory listed again"),
+        "{}",
+        mount.log_text()
+    );
 }
 
 #[test]
@@ -142,4 +149,32 @@ fn bad_refresh_values_and_paths_are_refused() {
         assert!(said.contains(expected), "{path}: {said}");
     }
     assert_succeeded(&refresh(&mount, Some("web-01")));
+}
+
+/// A source listed whole (an HTTP manifest): a refresh lists everything
+/// again, new VMs' disks counted at once.
+#[test]
+fn a_whole_listing_source_takes_in_every_change_on_refresh() {
+    let (www, nginx) = serve_one_disk(MIB, 1);
+    let manifest = nginx.url("manifest.json");
+    let mount = Mount::new(&manifest, "refresh=off");
+    assert_eq!(names(&mount.path), set(&["vm"]));
+    write_random_file(&www.path().join("new.raw"), 2 * MIB, 2);
+    std::fs::write(
+        www.path().join("manifest.json"),
+        r#"{"vms":[{"name":"vm2","disks":[{"name":"new.raw","url":"new.raw"}]}]}"#,
+    )
+    .unwrap();
+    let output = refresh(&mount, None);
+    assert_succeeded(&output);
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        said.contains("1 disk(s) added, 1 removed, 0 changed"),
+        "{said}"
+    );
+    assert_eq!(names(&mount.path), set(&["vm2"]));
+    assert_eq!(
+        std::fs::read(mount.file("vm2/new.raw")).unwrap(),
+        std::fs::read(www.path().join("new.raw")).unwrap()
+    );
 }

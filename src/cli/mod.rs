@@ -4,7 +4,9 @@
 mod control;
 mod demo;
 mod ls;
+mod manual;
 pub mod mount;
+mod systemd;
 
 use std::path::PathBuf;
 
@@ -27,6 +29,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Mount SOURCE on MOUNTPOINT (daemonizes once the mount answers)
+    #[command(after_long_help = manual::MOUNT_OPTIONS_HELP)]
     Mount {
         /// The source; `-` takes it from $VMEXPORTFS_SOURCE, which keeps a
         /// signed URL out of `ps`
@@ -87,6 +90,25 @@ enum Command {
 /// Runs the command line and returns the process exit status.
 pub fn main() -> i32 {
     log_panics();
+    // Packaging's own command, kept out of the clap definitions so that the
+    // manuals and completions made from them do not offer it.
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new(manual::GENERATE_DOCS)) {
+        let result = match (args.next(), args.next()) {
+            (Some(dir), None) => manual::generate(std::path::Path::new(&dir)),
+            _ => Err(anyhow::anyhow!(
+                "usage: vmexportfs {} DIR",
+                manual::GENERATE_DOCS
+            )),
+        };
+        return match result {
+            Ok(()) => 0,
+            Err(err) => {
+                eprintln!("vmexportfs: {err:#}");
+                1
+            }
+        };
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Mount {
@@ -154,12 +176,20 @@ fn log_panics() {
     }));
 }
 
-/// Logs to stderr at `info` unless RUST_LOG says otherwise.
+/// Logs to stderr at `info` unless RUST_LOG says otherwise; in the
+/// journal's format when stderr is the journal (run by systemd).
 pub(crate) fn init_stderr_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fuser=error"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if systemd::stderr_is_journal() {
+        builder
+            .with_ansi(false)
+            .event_format(systemd::JournalFormat)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
 }

@@ -123,10 +123,27 @@ impl FsCore {
         refresh: Option<Duration>,
     ) -> Result<Self, ProviderError> {
         // The SDKs make one attempt each: listing gets the mount's retries.
+        // A provider that lists one level at a time lists the root only:
+        // every other directory when it is first used.
+        let lazy = provider.lists_levels();
         let inventory = read_path
-            .retrying(&mut Budget::default(), "/", "list", || provider.list())
+            .retrying(&mut Budget::default(), "/", "list", || {
+                let provider = Arc::clone(&provider);
+                async move {
+                    if lazy {
+                        provider.list_level(&[]).await
+                    } else {
+                        provider.list().await
+                    }
+                }
+            })
             .await?;
-        let tree = Tree::build(refuse_impossible_sizes(inventory));
+        let inventory = refuse_impossible_sizes(inventory);
+        let tree = if lazy {
+            Tree::build_levels(inventory)
+        } else {
+            Tree::build(inventory)
+        };
         // Building freed the listing's many small strings: give them back.
         crate::read::trim::release_free_memory();
         let tree = Arc::new(RwLock::new(tree));
@@ -169,11 +186,15 @@ impl FsCore {
         let gone = tree.present(ino).is_none();
         let (kind, size, blocks, perm, nlink) = match &node.kind {
             NodeKind::Dir(_) => {
-                let subdirs = tree.dir(ino).map_or(0, |dir| dir.subdirs);
+                let dir = tree.dir(ino);
                 let nlink = if gone {
                     0
+                } else if dir.is_some_and(|dir| dir.unlisted) {
+                    // Sub-directories unknown yet: 1 tells find(1) and fts
+                    // not to count on nlink (as btrfs does).
+                    1
                 } else {
-                    2u32.saturating_add(subdirs)
+                    2u32.saturating_add(dir.map_or(0, |dir| dir.subdirs))
                 };
                 (Kind::Dir, 0, 0, 0o555, nlink)
             }
@@ -202,8 +223,31 @@ impl FsCore {
         })
     }
 
+    /// Whether directory `ino` must be listed ([`FsCore::list_dir`]) before
+    /// a lookup in it or its readdir can be answered.
+    pub fn needs_listing(&self, ino: u64) -> bool {
+        self.refresher.needs_listing(ino)
+    }
+
+    /// Lists directory `ino` if it was never listed (a provider listed one
+    /// level at a time); concurrent callers share one listing.
+    pub async fn list_dir(&self, ino: u64) -> Result<(), FsError> {
+        self.refresher
+            .list_dir(ino, true)
+            .await
+            .map(|_| ())
+            .map_err(|source| {
+                let path = self.tree().path_of(ino);
+                tracing::warn!(directory = %path, "listing failed: {source}");
+                FsError::Provider {
+                    path,
+                    source: Arc::new(source),
+                }
+            })
+    }
+
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, FsError> {
-        self.refresher.poke();
+        self.refresher.poke(parent);
         let tree = self.tree();
         if tree.present(parent).is_none() {
             return Err(FsError::NotFound);
@@ -222,7 +266,7 @@ impl FsCore {
     pub fn opendir(&self, ino: u64) -> Result<bool, FsError> {
         // The kernel may answer readdir from its cache: the listing's age
         // is checked here too.
-        self.refresher.poke();
+        self.refresher.poke(ino);
         let tree = self.tree();
         tree.present(ino).ok_or(FsError::NotFound)?;
         let dir = tree.dir(ino).ok_or(FsError::NotDirectory)?;
@@ -238,12 +282,13 @@ impl FsCore {
     }
 
     /// Lists the provider again now (`vmexportfs refresh`). `path`, inside
-    /// the mount, must be a directory of it; providers list their whole
-    /// inventory, so every directory is refreshed.
+    /// the mount, must be a directory of it. A provider that lists its
+    /// whole inventory refreshes every directory; one listed level by level
+    /// lists again each directory under `path` that was listed.
     pub async fn refresh(&self, path: &str) -> Result<Changes, FsError> {
-        self.resolve_dir(path)?;
+        let ino = self.resolve_dir(path).await?;
         self.refresher
-            .list_now()
+            .list_now(ino)
             .await
             .map_err(|source| FsError::Provider {
                 path: path.to_string(),
@@ -251,18 +296,23 @@ impl FsCore {
             })
     }
 
-    /// The directory at `path` (`/a/b` or `a/b`, names as the mount shows them).
-    fn resolve_dir(&self, path: &str) -> Result<u64, FsError> {
-        let tree = self.tree();
+    /// The directory at `path` (`/a/b` or `a/b`, names as the mount shows
+    /// them), listing the directories on the way that never were.
+    async fn resolve_dir(&self, path: &str) -> Result<u64, FsError> {
         let mut ino = ROOT_INO;
         for name in path
             .split('/')
             .filter(|name| !name.is_empty() && *name != ".")
         {
+            if self.needs_listing(ino) {
+                self.list_dir(ino).await?;
+            }
+            let tree = self.tree();
+            tree.dir(ino).ok_or(FsError::NotDirectory)?;
             ino = tree.child(ino, name).ok_or(FsError::NotFound)?;
             tree.present(ino).ok_or(FsError::NotFound)?;
         }
-        tree.dir(ino).ok_or(FsError::NotDirectory)?;
+        self.tree().dir(ino).ok_or(FsError::NotDirectory)?;
         Ok(ino)
     }
 
@@ -275,7 +325,7 @@ impl FsCore {
         with_attrs: bool,
         mut add: impl FnMut(DirEntry<'_>) -> bool,
     ) -> Result<(), FsError> {
-        self.refresher.poke();
+        self.refresher.poke(ino);
         let tree = self.tree();
         let node = tree.present(ino).ok_or(FsError::NotFound)?;
         let dir = tree.dir(ino).ok_or(FsError::NotDirectory)?;
@@ -401,7 +451,11 @@ impl FsCore {
         let listed = {
             let tree = self.tree();
             match tree.get(ino).map(|node| &node.kind) {
-                Some(NodeKind::File { size, .. }) => tree.set_size(size, current_size),
+                // Only while the node still lists the disk this open pinned:
+                // a refresh that replaced it meanwhile brought its own size.
+                Some(NodeKind::File {
+                    size, disk: now, ..
+                }) if Arc::ptr_eq(now, disk) => tree.set_size(size, current_size),
                 _ => current_size,
             }
         };

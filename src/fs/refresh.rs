@@ -10,8 +10,9 @@
 //! listed is marked gone (open files keep their own copy of it and read on
 //! from their pinned version while the provider serves it).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::names::valid_name;
@@ -45,10 +46,38 @@ pub trait KernelCache: Send + Sync {
     fn invalidate(&self, stale: &Stale);
 }
 
+/// Entries a listing found again.
+enum Seen {
+    /// A whole listing: by inode - 1.
+    All(Vec<bool>),
+    /// A listing of one directory (a handful of a large tree's entries).
+    Some(HashSet<u64>),
+}
+
+impl Seen {
+    fn mark(&mut self, ino: u64) {
+        match self {
+            Seen::All(seen) => seen[(ino - 1) as usize] = true,
+            Seen::Some(seen) => {
+                seen.insert(ino);
+            }
+        }
+    }
+
+    fn has(&self, ino: u64) -> bool {
+        match self {
+            Seen::All(seen) => seen[(ino - 1) as usize],
+            Seen::Some(seen) => seen.contains(&ino),
+        }
+    }
+}
+
 /// What a listing means for the tree, worked out without changing it.
 pub(super) struct Plan {
-    /// By inode - 1: listed again (so not gone).
-    seen: Vec<bool>,
+    /// The directory listed (its children only may go), or `None` for a
+    /// whole listing.
+    scope: Option<u64>,
+    seen: Seen,
     /// Files listed again with another size, mtime, version or locator.
     changed: Vec<(u64, DiskEntry)>,
     /// Disks at paths the tree does not hold.
@@ -57,7 +86,15 @@ pub(super) struct Plan {
     new_dirs: Vec<Vec<String>>,
 }
 
+/// What a whole listing means for the tree.
+#[cfg(test)]
 pub(super) fn plan(tree: &Tree, inventory: Inventory) -> Plan {
+    plan_in(tree, inventory, None)
+}
+
+/// What `scope`'s listing (one level: its disks, its sub-directories in
+/// `empty_dirs`) means for the tree, or a whole listing's (`None`).
+pub(super) fn plan_in(tree: &Tree, inventory: Inventory, scope: Option<u64>) -> Plan {
     let Inventory {
         mut disks,
         empty_dirs,
@@ -66,12 +103,16 @@ pub(super) fn plan(tree: &Tree, inventory: Inventory) -> Plan {
     // matched first.
     disks.sort_by(|a, b| (&a.path, &a.locator).cmp(&(&b.path, &b.locator)));
     let mut plan = Plan {
-        seen: vec![false; tree.len()],
+        scope,
+        seen: match scope {
+            None => Seen::All(vec![false; tree.len()]),
+            Some(_) => Seen::Some(HashSet::new()),
+        },
         changed: Vec::new(),
         added: Vec::new(),
         new_dirs: Vec::new(),
     };
-    plan.seen[(ROOT_INO - 1) as usize] = true;
+    plan.seen.mark(ROOT_INO);
     // First every disk found with its own locator, then the rest: a disk
     // whose locator changed may take the file at its plain name only if
     // no disk of this listing is that file.
@@ -83,7 +124,7 @@ pub(super) fn plan(tree: &Tree, inventory: Inventory) -> Plan {
         let found = existing_dir(tree, dir_path, &mut plan.seen).and_then(|parent| {
             let seen = &plan.seen;
             tree.find(parent, file_name, Kind::File, &disk.locator, |ino| {
-                seen[(ino - 1) as usize]
+                seen.has(ino)
             })
         });
         match found {
@@ -98,7 +139,7 @@ pub(super) fn plan(tree: &Tree, inventory: Inventory) -> Plan {
         let plain = existing_dir(tree, dir_path, &mut plan.seen)
             .and_then(|parent| tree.child(parent, &valid_name(file_name)))
             .filter(|&ino| {
-                !plan.seen[(ino - 1) as usize]
+                !plan.seen.has(ino)
                     && matches!(
                         tree.get(ino).map(|node| &node.kind),
                         Some(NodeKind::File { .. })
@@ -118,11 +159,11 @@ pub(super) fn plan(tree: &Tree, inventory: Inventory) -> Plan {
 }
 
 /// The directory at `path` if the tree has all of it, marking each seen.
-fn existing_dir(tree: &Tree, path: &[String], seen: &mut [bool]) -> Option<u64> {
+fn existing_dir(tree: &Tree, path: &[String], seen: &mut Seen) -> Option<u64> {
     let mut parent = ROOT_INO;
     for component in path {
         parent = tree.find(parent, component, Kind::Dir, "", |_| false)?;
-        seen[(parent - 1) as usize] = true;
+        seen.mark(parent);
     }
     Some(parent)
 }
@@ -130,7 +171,7 @@ fn existing_dir(tree: &Tree, path: &[String], seen: &mut [bool]) -> Option<u64> 
 impl Plan {
     /// `disk` is listed again as file `ino`.
     fn matched(&mut self, tree: &Tree, ino: u64, mut disk: DiskEntry) {
-        self.seen[(ino - 1) as usize] = true;
+        self.seen.mark(ino);
         disk.path = Vec::new();
         if let Some(NodeKind::File { disk: listed, .. }) = tree.get(ino).map(|node| &node.kind) {
             if **listed != disk {
@@ -147,8 +188,21 @@ pub(super) fn apply(tree: &mut Tree, plan: Plan, stale: &mut Vec<Stale>) -> Chan
         changes.changed += 1;
         stale.push(Stale::Attrs(ino));
     }
-    for (index, &seen) in plan.seen.iter().enumerate() {
-        let ino = index as u64 + 1;
+    // A whole listing decides for every entry; one directory's, for its
+    // children only.
+    let candidates: Box<dyn Iterator<Item = u64>> = match (plan.scope, &plan.seen) {
+        // Entries the plan did not know of are not its to hide.
+        (None, Seen::All(seen)) => Box::new(1..=seen.len() as u64),
+        (None, Seen::Some(_)) => Box::new(std::iter::empty()),
+        (Some(dir), _) => Box::new(
+            tree.dir(dir)
+                .map(|dir| dir.entries.clone())
+                .unwrap_or_default()
+                .into_iter(),
+        ),
+    };
+    for ino in candidates {
+        let seen = plan.seen.has(ino);
         let is_file = matches!(
             tree.get(ino).map(|node| &node.kind),
             Some(NodeKind::File { .. })
@@ -182,21 +236,54 @@ pub(super) fn apply(tree: &mut Tree, plan: Plan, stale: &mut Vec<Stale>) -> Chan
     for dir in plan.new_dirs {
         tree.make_dirs(&dir, SystemTime::UNIX_EPOCH);
     }
+    if let Some(dir) = plan.scope {
+        tree.set_listed(dir);
+        stale.push(Stale::Attrs(dir));
+    }
     changes
 }
 
-/// Lists the provider when the listing is older than `every`.
+/// How long after a failed background listing the next one may start.
+const FAILED_LISTING_PAUSE: Duration = Duration::from_secs(10);
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Lists the provider when the listing is older than `every`: the whole
+/// inventory, or for a provider listed one level at a time, each directory
+/// by itself (listed first when first used, again when its own listing is
+/// older than `every`).
 pub struct Refresher {
     every: Option<Duration>,
+    /// The provider lists one level at a time.
+    lazy: bool,
     provider: Arc<dyn Provider>,
     read_path: Arc<ReadPath>,
     tree: Arc<RwLock<Tree>>,
-    listed_at: Mutex<Instant>,
+    /// Base of every `due_ms`: the refresher's creation.
+    epoch: Instant,
+    /// When the next whole listing is due, in milliseconds from `epoch`: a
+    /// load on every lookup, so an atomic rather than a lock.
+    due_ms: AtomicU64,
     running: AtomicBool,
-    /// One listing at a time; `vmexportfs refresh` waits its turn.
+    /// One whole listing at a time; `vmexportfs refresh` waits its turn.
     turn: tokio::sync::Mutex<()>,
+    /// One listing of a directory at a time: who comes second waits for
+    /// the first and finds it listed.
+    levels: std::sync::Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     runtime: tokio::runtime::Handle,
     kernel: OnceLock<Box<dyn KernelCache>>,
+}
+
+/// Clears a "listing running" flag however the task ends, a panic in a
+/// provider's listing included: otherwise it would never list again.
+struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl Refresher {
@@ -206,17 +293,39 @@ impl Refresher {
         read_path: Arc<ReadPath>,
         tree: Arc<RwLock<Tree>>,
     ) -> Arc<Refresher> {
-        Arc::new(Refresher {
+        let lazy = tree.read().unwrap_or_else(|p| p.into_inner()).is_lazy();
+        let refresher = Arc::new(Refresher {
             every,
+            lazy,
             provider,
             read_path,
             tree,
-            listed_at: Mutex::new(Instant::now()),
+            epoch: Instant::now(),
+            due_ms: AtomicU64::new(every.map_or(u64::MAX, millis)),
             running: AtomicBool::new(false),
             turn: tokio::sync::Mutex::new(()),
+            levels: std::sync::Mutex::new(HashMap::new()),
             runtime: tokio::runtime::Handle::current(),
             kernel: OnceLock::new(),
-        })
+        });
+        // The root's level was listed to build the tree.
+        let due = refresher.due_in(every.unwrap_or(Duration::MAX));
+        if let Some(root) = refresher.read_tree().dir(ROOT_INO) {
+            root.due_ms.store(due, Ordering::Relaxed);
+        }
+        refresher
+    }
+
+    fn read_tree(&self) -> std::sync::RwLockReadGuard<'_, Tree> {
+        self.tree.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn now_ms(&self) -> u64 {
+        millis(self.epoch.elapsed())
+    }
+
+    fn due_in(&self, pause: Duration) -> u64 {
+        self.now_ms().saturating_add(millis(pause))
     }
 
     /// Where stale kernel entries are reported, once the mount is up.
@@ -224,34 +333,145 @@ impl Refresher {
         let _ = self.kernel.set(kernel);
     }
 
-    /// Starts a listing in the background if the last one is stale; the
-    /// caller answers from the tree as it is.
-    pub fn poke(self: &Arc<Self>) {
+    /// Starts a listing in the background if the one `dir` was answered
+    /// from is stale (the whole inventory's, or `dir`'s own); the caller
+    /// answers from the tree as it is.
+    pub fn poke(self: &Arc<Self>, dir: u64) {
         let Some(every) = self.every else { return };
-        let stale = self
-            .listed_at
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .elapsed()
-            >= every;
+        let lazy = self.lazy && {
+            let tree = self.read_tree();
+            {
+                let Some(listed) = tree.dir(dir) else { return };
+                if listed.unlisted || self.now_ms() < listed.due_ms.load(Ordering::Relaxed) {
+                    return;
+                }
+                // Not due again while this listing runs, or after it failed.
+                listed.due_ms.store(
+                    self.due_in(every.min(FAILED_LISTING_PAUSE)),
+                    Ordering::Relaxed,
+                );
+                true
+            }
+        };
+        if lazy {
+            let refresher = Arc::clone(self);
+            self.runtime.spawn(async move {
+                if let Err(err) = refresher.list_dir(dir, false).await {
+                    tracing::warn!(
+                        operation = "refresh",
+                        directory = %refresher.read_tree().path_of(dir),
+                        "listing the directory again failed: {err}"
+                    );
+                }
+            });
+            return;
+        }
+        let stale = self.now_ms() >= self.due_ms.load(Ordering::Relaxed);
         if !stale || self.running.swap(true, Ordering::AcqRel) {
             return;
         }
         let refresher = Arc::clone(self);
         self.runtime.spawn(async move {
-            if let Err(err) = refresher.list_now().await {
-                // The tree stays as it was; the next stale request tries again.
+            let _running = Running(&refresher.running);
+            if let Err(err) = refresher.list_all().await {
+                // The tree stays as it was; a failing provider is asked again
+                // after a short pause, not on every lookup.
+                refresher.due_ms.store(
+                    refresher.due_in(every.min(FAILED_LISTING_PAUSE)),
+                    Ordering::Relaxed,
+                );
                 tracing::warn!(
                     operation = "refresh",
                     "listing the inventory again failed: {err}"
                 );
             }
-            refresher.running.store(false, Ordering::Release);
         });
     }
 
-    /// Lists the provider now and takes the changes in.
-    pub async fn list_now(&self) -> Result<Changes, ProviderError> {
+    /// Whether `dir` must be listed before it can be answered for.
+    pub fn needs_listing(&self, dir: u64) -> bool {
+        self.lazy && self.read_tree().dir(dir).is_some_and(|dir| dir.unlisted)
+    }
+
+    /// Lists `dir` now: its first listing (`only_if_unlisted`: unless another
+    /// caller listed it meanwhile), or again.
+    pub async fn list_dir(
+        &self,
+        dir: u64,
+        only_if_unlisted: bool,
+    ) -> Result<Changes, ProviderError> {
+        let lock = Arc::clone(
+            self.levels
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(dir)
+                .or_default(),
+        );
+        let _turn = lock.lock().await;
+        let (raw, shown, first) = {
+            let tree = self.read_tree();
+            match tree.dir(dir) {
+                Some(listed) if only_if_unlisted && !listed.unlisted => {
+                    return Ok(Changes::default())
+                }
+                Some(listed) => (tree.raw_path(dir), tree.path_of(dir), listed.unlisted),
+                None => return Ok(Changes::default()),
+            }
+        };
+        let started = Instant::now();
+        let level = self
+            .read_path
+            .retrying(&mut Budget::default(), &shown, "list", || {
+                self.provider.list_level(&raw)
+            })
+            .await?;
+        let level = super::refuse_impossible_sizes(level);
+        let changes = self.take_in(level, Some(dir)).await?;
+        if let (Some(every), Some(listed)) = (self.every, self.read_tree().dir(dir)) {
+            listed.due_ms.store(self.due_in(every), Ordering::Relaxed);
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        if first || changes == Changes::default() {
+            tracing::debug!(directory = %shown, disks = changes.added, seconds, "directory listed");
+        } else {
+            tracing::info!(
+                directory = %shown,
+                added = changes.added,
+                removed = changes.removed,
+                changed = changes.changed,
+                seconds,
+                "directory listed again"
+            );
+        }
+        Ok(changes)
+    }
+
+    /// Lists the provider again now: everything under `dir` that was listed
+    /// before (directories still unlisted stay so), or the whole inventory.
+    pub async fn list_now(&self, dir: u64) -> Result<Changes, ProviderError> {
+        if !self.lazy {
+            return self.list_all().await;
+        }
+        let mut total = Changes::default();
+        let mut pending = vec![dir];
+        while let Some(next) = pending.pop() {
+            let changes = self.list_dir(next, false).await?;
+            total.added += changes.added;
+            total.removed += changes.removed;
+            total.changed += changes.changed;
+            let tree = self.read_tree();
+            if let Some(listed) = tree.dir(next) {
+                pending.extend(listed.entries.iter().copied().filter(|&child| {
+                    tree.present(child).is_some()
+                        && tree.dir(child).is_some_and(|child| !child.unlisted)
+                }));
+            }
+        }
+        Ok(total)
+    }
+
+    /// Lists the whole inventory and takes the changes in.
+    async fn list_all(&self) -> Result<Changes, ProviderError> {
         let _turn = self.turn.lock().await;
         let started = Instant::now();
         let inventory = self
@@ -259,11 +479,44 @@ impl Refresher {
             .retrying(&mut Budget::default(), "/", "list", || self.provider.list())
             .await?;
         let inventory = super::refuse_impossible_sizes(inventory);
+        let changes = self.take_in(inventory, None).await?;
+        if let Some(every) = self.every {
+            self.due_ms.store(self.due_in(every), Ordering::Relaxed);
+        }
+        if changes != Changes::default() {
+            tracing::info!(
+                added = changes.added,
+                removed = changes.removed,
+                changed = changes.changed,
+                seconds = started.elapsed().as_secs_f64(),
+                "inventory listed again"
+            );
+        } else {
+            tracing::debug!(
+                seconds = started.elapsed().as_secs_f64(),
+                "inventory listed again: no change"
+            );
+        }
+        Ok(changes)
+    }
+
+    /// Matches a listing (of `scope`, or whole) against the tree under the
+    /// read lock, applies the changes under the write lock, then tells the
+    /// kernel what went stale.
+    async fn take_in(
+        &self,
+        inventory: Inventory,
+        scope: Option<u64>,
+    ) -> Result<Changes, ProviderError> {
         let tree = Arc::clone(&self.tree);
         // Working out a million entries takes a while: not on a worker that
         // other tasks (reads) are queued behind.
         let (changes, stale) = tokio::task::spawn_blocking(move || {
-            let plan = plan(&tree.read().unwrap_or_else(|p| p.into_inner()), inventory);
+            let plan = plan_in(
+                &tree.read().unwrap_or_else(|p| p.into_inner()),
+                inventory,
+                scope,
+            );
             let mut stale = Vec::new();
             let changes = apply(
                 &mut tree.write().unwrap_or_else(|p| p.into_inner()),
@@ -282,24 +535,6 @@ impl Refresher {
             for entry in &stale {
                 kernel.invalidate(entry);
             }
-        }
-        *self
-            .listed_at
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Instant::now();
-        if changes != Changes::default() {
-            tracing::info!(
-                added = changes.added,
-                removed = changes.removed,
-                changed = changes.changed,
-                seconds = started.elapsed().as_secs_f64(),
-                "inventory listed again"
-            );
-        } else {
-            tracing::debug!(
-                seconds = started.elapsed().as_secs_f64(),
-                "inventory listed again: no change"
-            );
         }
         Ok(changes)
     }
@@ -380,6 +615,92 @@ mod tests {
         path.split('/')
             .filter(|name| !name.is_empty())
             .fold(ROOT_INO, |ino, name| tree.child(ino, name).unwrap())
+    }
+
+    fn level(disks: Vec<DiskEntry>, dirs: &[&str]) -> Inventory {
+        Inventory {
+            disks,
+            empty_dirs: dirs
+                .iter()
+                .map(|dir| dir.split('/').map(str::to_string).collect())
+                .collect(),
+        }
+    }
+
+    fn list_level(tree: &mut Tree, dir: u64, listed: Inventory) -> Changes {
+        let plan = plan_in(tree, listed, Some(dir));
+        apply(tree, plan, &mut Vec::new())
+    }
+
+    #[test]
+    fn levels_are_listed_one_directory_at_a_time() {
+        // The root's level: a disk and two directories, not listed yet.
+        let mut tree = Tree::build_levels(level(vec![disk("top.img", 5, "top")], &["vm1", "vm 2"]));
+        let vm1 = tree_ino(&tree, "vm1");
+        let vm2 = tree_ino(&tree, "vm 2");
+        assert!(tree.dir(vm1).unwrap().unlisted && tree.dir(vm2).unwrap().unlisted);
+        assert!(!tree.dir(ROOT_INO).unwrap().unlisted);
+        assert_eq!(tree.raw_path(vm2), vec!["vm 2".to_string()]);
+
+        // vm1's level: two disks and a sub-directory, which stays unlisted.
+        let changes = list_level(
+            &mut tree,
+            vm1,
+            level(
+                vec![
+                    disk("vm1/a.vmdk", 10, "vm1/a"),
+                    disk("vm1/b.vmdk", 20, "vm1/b"),
+                ],
+                &["vm1/snapshots"],
+            ),
+        );
+        assert_eq!(changes, counted(2, 0, 0));
+        assert!(!tree.dir(vm1).unwrap().unlisted);
+        let snapshots = tree_ino(&tree, "vm1/snapshots");
+        assert!(tree.dir(snapshots).unwrap().unlisted);
+        assert_eq!(
+            tree.raw_path(snapshots),
+            vec!["vm1".to_string(), "snapshots".to_string()]
+        );
+        let a = tree_ino(&tree, "vm1/a.vmdk");
+
+        // vm1 again: b gone, a changed, c new; nothing outside vm1 moves
+        // (the root's disk and vm 2 are no part of this listing).
+        let changes = list_level(
+            &mut tree,
+            vm1,
+            level(
+                vec![
+                    disk("vm1/a.vmdk", 11, "vm1/a"),
+                    disk("vm1/c.vmdk", 30, "vm1/c"),
+                ],
+                &["vm1/snapshots"],
+            ),
+        );
+        assert_eq!(changes, counted(1, 1, 1));
+        assert_eq!(tree_ino(&tree, "vm1/a.vmdk"), a, "same path, same inode");
+        let now = listed(&tree);
+        assert!(now.contains_key("/top.img") && now.contains_key("/vm1/c.vmdk"));
+        assert!(!now.contains_key("/vm1/b.vmdk"));
+        assert!(tree.present(vm2).is_some() && tree.present(snapshots).is_some());
+
+        // A sub-directory no longer listed goes; the root's level again
+        // hides vm 2 but leaves what is inside vm1 alone.
+        assert_eq!(
+            list_level(&mut tree, vm1, level(vec![], &[])),
+            counted(0, 2, 0)
+        );
+        assert!(tree.present(snapshots).is_none());
+        assert_eq!(
+            list_level(
+                &mut tree,
+                ROOT_INO,
+                level(vec![disk("top.img", 5, "top")], &["vm1"])
+            ),
+            counted(0, 0, 0)
+        );
+        assert!(tree.present(vm2).is_none() && tree.present(vm1).is_some());
+        assert_eq!(tree.dir(ROOT_INO).unwrap().subdirs, 1);
     }
 
     #[test]

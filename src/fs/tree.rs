@@ -59,6 +59,15 @@ pub enum NodeKind {
 
 #[derive(Default)]
 pub struct Dir {
+    /// The name the provider gives it (the node's name may be mapped):
+    /// what a listing of this one directory asks for.
+    pub raw: Box<str>,
+    /// Not listed yet (a provider listed one level at a time): its
+    /// children are unknown until its first lookup or readdir.
+    pub unlisted: bool,
+    /// When its next listing is due, in the refresher's milliseconds (a
+    /// provider listed one level at a time).
+    pub due_ms: AtomicU64,
     /// Children in listing order, gone ones included.
     pub entries: Vec<u64>,
     /// The same children, found by name.
@@ -79,6 +88,9 @@ pub struct Tree {
     hasher: RandomState,
     total_bytes: AtomicU64,
     gone: u64,
+    /// Directories made from now on are unlisted (the provider lists one
+    /// level at a time).
+    lazy: bool,
 }
 
 impl Tree {
@@ -89,6 +101,7 @@ impl Tree {
             hasher: RandomState::new(),
             total_bytes: AtomicU64::new(0),
             gone: 0,
+            lazy: false,
         };
         tree.nodes.push(Node {
             parent: ROOT_INO,
@@ -102,11 +115,22 @@ impl Tree {
     /// Takes the inventory: each disk's path is spent on its place in the
     /// tree (its [`DiskEntry::path`] is empty afterwards).
     pub fn build(inventory: Inventory) -> Tree {
+        Self::build_from(inventory, false)
+    }
+
+    /// Takes the root's level of a provider listed one level at a time:
+    /// the directories in it stay unlisted until used.
+    pub fn build_levels(root: Inventory) -> Tree {
+        Self::build_from(root, true)
+    }
+
+    fn build_from(inventory: Inventory, lazy: bool) -> Tree {
         let Inventory {
             mut disks,
             mut empty_dirs,
         } = inventory;
         let mut tree = Tree::empty(disks.len());
+        tree.lazy = lazy;
         disks.sort_by(|a, b| (&a.path, &a.locator).cmp(&(&b.path, &b.locator)));
         // Every directory first, so that a directory's name never depends
         // on whether a file of the same name was listed before it.
@@ -153,7 +177,11 @@ impl Tree {
                 }
                 None => {
                     let dir = self.dirs.len() as u32;
-                    self.dirs.push(Dir::default());
+                    self.dirs.push(Dir {
+                        raw: component.as_str().into(),
+                        unlisted: self.lazy,
+                        ..Dir::default()
+                    });
                     self.add_child(
                         parent,
                         component.clone(),
@@ -372,6 +400,37 @@ impl Tree {
                 &*self.nodes[(child - 1) as usize].name == name
             })
             .copied()
+    }
+
+    /// Whether directories are listed one level at a time.
+    pub fn is_lazy(&self) -> bool {
+        self.lazy
+    }
+
+    /// The raw path of directory `ino` (the provider's names), for a
+    /// listing of that one directory.
+    pub fn raw_path(&self, ino: u64) -> Vec<String> {
+        let mut parts = Vec::new();
+        let mut current = ino;
+        while current != ROOT_INO {
+            let Some(node) = self.get(current) else { break };
+            if let Some(dir) = self.dir(current) {
+                parts.push(dir.raw.to_string());
+            }
+            current = node.parent;
+        }
+        parts.reverse();
+        parts
+    }
+
+    /// Directory `ino`'s children are listed now.
+    pub(super) fn set_listed(&mut self, ino: u64) {
+        let index = self.dir_index(ino);
+        let dir = &mut self.dirs[index];
+        if dir.unlisted {
+            dir.unlisted = false;
+            dir.generation += 1;
+        }
     }
 
     /// Inode numbers given out, gone entries included.

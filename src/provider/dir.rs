@@ -68,8 +68,80 @@ fn walk(
     Ok(())
 }
 
+/// The directory below the root that `dir` (components as [`component`]
+/// made them) names. A name that is plain UTF-8 without `%` is itself;
+/// any other is found among its parent's entries. A symlink on the way is
+/// not followed: nothing outside the tree is listed.
+fn level_path(tree: &LocalTree, dir: &[String]) -> std::io::Result<PathBuf> {
+    let mut relative = PathBuf::new();
+    for wanted in dir {
+        let name = if wanted.contains('%') || wanted.is_empty() || wanted == "." || wanted == ".." {
+            std::fs::read_dir(tree.root().join(&relative))?
+                .filter_map(Result::ok)
+                .map(|entry| entry.file_name())
+                .find(|name| component(name) == *wanted)
+                .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotFound))?
+        } else {
+            std::ffi::OsString::from(wanted)
+        };
+        relative.push(&name);
+        let meta = std::fs::symlink_metadata(tree.root().join(&relative))?;
+        if !meta.is_dir() {
+            return Err(std::io::Error::from(std::io::ErrorKind::NotADirectory));
+        }
+    }
+    Ok(relative)
+}
+
+/// One level of `dir`: its regular files, and its sub-directories.
+fn list_one_level(tree: &LocalTree, dir: &[String]) -> std::io::Result<Inventory> {
+    let relative = level_path(tree, dir)?;
+    let mut out = Inventory::default();
+    for entry in std::fs::read_dir(tree.root().join(&relative))? {
+        let entry = entry?;
+        let file_type = entry.file_type()?;
+        let name = entry.file_name();
+        let mut path = dir.to_vec();
+        path.push(component(&name));
+        if file_type.is_dir() {
+            out.empty_dirs.push(path);
+        } else if file_type.is_file() {
+            out.disks
+                .push(tree.entry(path, &relative.join(&name), &entry.metadata()?));
+        } else {
+            tracing::debug!(path = %entry.path().display(), "skipping: not a regular file or directory");
+        }
+    }
+    Ok(out)
+}
+
 #[async_trait]
 impl Provider for DirProvider {
+    fn lists_levels(&self) -> bool {
+        true
+    }
+
+    async fn list_level(&self, dir: &[String]) -> Result<Inventory, ProviderError> {
+        let tree = Arc::clone(&self.tree);
+        let dir = dir.to_vec();
+        tokio::task::spawn_blocking(move || {
+            list_one_level(&tree, &dir).map_err(|err| {
+                let shown = tree.root().join(dir.join("/"));
+                match err.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        ProviderError::NotFound(format!("listing {}: {err}", shown.display()))
+                    }
+                    _ => ProviderError::Io(std::io::Error::new(
+                        err.kind(),
+                        format!("listing {}: {err}", shown.display()),
+                    )),
+                }
+            })
+        })
+        .await
+        .map_err(|err| ProviderError::Io(std::io::Error::other(err)))?
+    }
+
     async fn list(&self) -> Result<Inventory, ProviderError> {
         let tree = Arc::clone(&self.tree);
         tokio::task::spawn_blocking(move || {

@@ -23,8 +23,8 @@ use serde::Deserialize;
 use super::http::build_client;
 use super::http_range::Expected;
 use super::{
-    bucket_and_prefix, causes, is_transient_status, place_key, DiskEntry, Inventory, KeyPlace,
-    Pinned, Provider, ProviderError, Version,
+    bucket_and_prefix, causes, is_transient_status, level_dir, level_object, level_prefix,
+    place_key, DiskEntry, Inventory, KeyPlace, Pinned, Provider, ProviderError, Version,
 };
 use crate::options::MountOptions;
 
@@ -69,6 +69,9 @@ fn parse_source(source: &str) -> Result<(String, String), ProviderError> {
 struct ObjectList {
     #[serde(default)]
     items: Vec<ObjectResource>,
+    /// With `delimiter=/`: the sub-directories of the level listed.
+    #[serde(default)]
+    prefixes: Vec<String>,
     next_page_token: Option<String>,
 }
 
@@ -109,6 +112,18 @@ impl ObjectResource {
             })
             .map(SystemTime::from)
             .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// The disk this object is, at `path` in the mount.
+    fn disk(&self, path: Vec<String>) -> Result<DiskEntry, ProviderError> {
+        Ok(DiskEntry {
+            path,
+            size: self.size()?,
+            mtime: self.mtime(),
+            version: self.version(),
+            locator: self.name.clone(),
+            allocated: None,
+        })
     }
 }
 
@@ -154,6 +169,45 @@ impl GcsProvider {
 
     fn object(&self, name: &str) -> String {
         format!("gs://{}/{name}", self.bucket)
+    }
+
+    /// Every page of the objects under `prefix` (with `one_level`, only
+    /// those directly in it, and the prefixes of those deeper), each handed
+    /// to `take` as it comes.
+    async fn list_pages(
+        &self,
+        prefix: &str,
+        one_level: bool,
+        mut take: impl FnMut(ObjectList) -> Result<(), ProviderError>,
+    ) -> Result<(), ProviderError> {
+        let what = format!("listing gs://{}/{prefix}", self.bucket);
+        let mut page_token: Option<String> = None;
+        loop {
+            let mut url = self.api_url(&[])?;
+            {
+                let mut query = url.query_pairs_mut();
+                query.append_pair("prefix", prefix);
+                if one_level {
+                    query.append_pair("delimiter", "/");
+                }
+                query.append_pair(
+                    "fields",
+                    "items(name,size,generation,updated),prefixes,nextPageToken",
+                );
+                if let Some(token) = &page_token {
+                    query.append_pair("pageToken", token);
+                }
+            }
+            let mut page: ObjectList = self
+                .get_json(&what, url, "the bucket does not exist")
+                .await?;
+            let next = page.next_page_token.take().filter(|t| !t.is_empty());
+            take(page)?;
+            match next {
+                Some(token) if Some(&token) != page_token.as_ref() => page_token = Some(token),
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// GET on the JSON API with the mount's credentials.
@@ -249,25 +303,8 @@ impl Provider for GcsProvider {
     }
 
     async fn list(&self) -> Result<Inventory, ProviderError> {
-        let what = format!("listing gs://{}/{}", self.bucket, self.prefix);
         let mut inventory = Inventory::default();
-        let mut page_token: Option<String> = None;
-        loop {
-            let mut url = self.api_url(&[])?;
-            {
-                let mut query = url.query_pairs_mut();
-                query.append_pair("prefix", &self.prefix);
-                query.append_pair(
-                    "fields",
-                    "items(name,size,generation,updated),nextPageToken",
-                );
-                if let Some(token) = &page_token {
-                    query.append_pair("pageToken", token);
-                }
-            }
-            let page: ObjectList = self
-                .get_json(&what, url, "the bucket does not exist")
-                .await?;
+        self.list_pages(&self.prefix, false, |page| {
             for object in &page.items {
                 let path = match place_key(&self.prefix, &object.name) {
                     KeyPlace::Outside => continue,
@@ -277,20 +314,38 @@ impl Provider for GcsProvider {
                     }
                     KeyPlace::Object(path) => path,
                 };
-                inventory.disks.push(DiskEntry {
-                    path,
-                    size: object.size()?,
-                    mtime: object.mtime(),
-                    version: object.version(),
-                    locator: object.name.clone(),
-                    allocated: None,
-                });
+                inventory.disks.push(object.disk(path)?);
             }
-            match page.next_page_token.filter(|t| !t.is_empty()) {
-                Some(token) if Some(&token) != page_token.as_ref() => page_token = Some(token),
-                _ => break,
+            Ok(())
+        })
+        .await?;
+        Ok(inventory)
+    }
+
+    fn lists_levels(&self) -> bool {
+        true
+    }
+
+    async fn list_level(&self, dir: &[String]) -> Result<Inventory, ProviderError> {
+        let prefix = level_prefix(&self.prefix, dir);
+        let mut inventory = Inventory::default();
+        self.list_pages(&prefix, true, |page| {
+            for sub in &page.prefixes {
+                if let Some(path) = level_dir(&self.prefix, dir, sub) {
+                    inventory.empty_dirs.push(path);
+                }
             }
-        }
+            for object in &page.items {
+                if let Some(path) = level_object(&self.prefix, dir, &object.name) {
+                    inventory.disks.push(object.disk(path)?);
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        // The same directory may come on several pages.
+        inventory.empty_dirs.sort();
+        inventory.empty_dirs.dedup();
         Ok(inventory)
     }
 

@@ -159,6 +159,24 @@ pub trait Provider: Send + Sync + 'static {
     /// The whole inventory under the source.
     async fn list(&self) -> Result<Inventory, ProviderError>;
 
+    /// Whether [`Provider::list_level`] lists one directory at a time (a
+    /// delimiter listing, a directory read): then the mount lists only the
+    /// root at mount time and each directory when it is first used.
+    fn lists_levels(&self) -> bool {
+        false
+    }
+
+    /// One directory level of the inventory: the disks directly in `dir`
+    /// (raw path components, as this provider names them; each disk's
+    /// `path` is `dir` and its name) and, in `empty_dirs`, every
+    /// sub-directory of `dir`, empty or not, as a full path.
+    async fn list_level(&self, dir: &[String]) -> Result<Inventory, ProviderError> {
+        let _ = dir;
+        Err(ProviderError::Internal(
+            "this source lists its whole inventory only".into(),
+        ))
+    }
+
     /// Pins one disk at its current size and version; called at open.
     /// Every read of the open file carries what it returns.
     async fn pin(&self, disk: &DiskEntry) -> Result<Pinned, ProviderError>;
@@ -363,6 +381,42 @@ pub(crate) fn place_key(prefix: &str, key: &str) -> KeyPlace {
     }
 }
 
+/// The key prefix of directory `dir` below the source's `prefix`, for a
+/// delimiter listing: `prefix` + each component + `/`. An empty component
+/// (the key `a//b`) stays empty, as [`place_key`] made it.
+pub(crate) fn level_prefix(prefix: &str, dir: &[String]) -> String {
+    let mut out = String::from(prefix);
+    for component in dir {
+        out.push_str(component);
+        out.push('/');
+    }
+    out
+}
+
+/// A common prefix of the delimiter listing of `dir` as the path of a
+/// sub-directory: only a prefix of exactly one more component is one
+/// (anything else is a store's bad answer, left out).
+pub(crate) fn level_dir(prefix: &str, dir: &[String], common: &str) -> Option<Vec<String>> {
+    match place_key(prefix, common) {
+        KeyPlace::Folder(path) if path.len() == dir.len() + 1 && path.starts_with(dir) => {
+            Some(path)
+        }
+        _ => None,
+    }
+}
+
+/// A key of the delimiter listing of `dir` as a disk's path: only a key
+/// directly in `dir` (the folder marker `dir/` itself, and keys deeper
+/// down, which a store should not send, are left out).
+pub(crate) fn level_object(prefix: &str, dir: &[String], key: &str) -> Option<Vec<String>> {
+    match place_key(prefix, key) {
+        KeyPlace::Object(path) if path.len() == dir.len() + 1 && path.starts_with(dir) => {
+            Some(path)
+        }
+        _ => None,
+    }
+}
+
 /// Splits `SCHEME://bucket/some/prefix` into ("bucket", "some/prefix/").
 pub(crate) fn bucket_and_prefix<'a>(source: &'a str, scheme: &str) -> (&'a str, String) {
     let rest = source
@@ -446,6 +500,74 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<String, ProviderError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
+
+    /// What a store's delimiter listing of `prefix` answers: keys directly
+    /// under it, and the common prefixes one level down.
+    fn delimiter_listing(keys: &[String], prefix: &str) -> (Vec<String>, BTreeSet<String>) {
+        let mut contents = Vec::new();
+        let mut commons = BTreeSet::new();
+        for key in keys {
+            let Some(rest) = key.strip_prefix(prefix) else {
+                continue;
+            };
+            match rest.find('/') {
+                Some(at) => {
+                    commons.insert(format!("{prefix}{}", &rest[..=at]));
+                }
+                None => contents.push(key.clone()),
+            }
+        }
+        (contents, commons)
+    }
+
+    proptest::proptest! {
+        /// Listing level by level finds every disk and folder the whole
+        /// listing finds, at the same paths, and nothing else.
+        #[test]
+        fn level_listings_add_up_to_the_whole_listing(
+            keys in proptest::collection::vec("(ex/)?([ab]{0,2}/){0,3}[ab]{0,2}/?", 0..24),
+        ) {
+            // A store holds each key once.
+            let keys: Vec<String> = keys.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+            let prefix = "ex/";
+            let mut whole_disks = BTreeSet::new();
+            let mut whole_dirs = BTreeSet::new();
+            for key in &keys {
+                match place_key(prefix, key) {
+                    KeyPlace::Object(path) => { whole_disks.insert(path); }
+                    KeyPlace::Folder(path) => { whole_dirs.insert(path); }
+                    KeyPlace::Outside => {}
+                }
+            }
+            let mut level_disks = BTreeSet::new();
+            let mut level_dirs = BTreeSet::new();
+            let mut pending: Vec<Vec<String>> = vec![vec![]];
+            while let Some(dir) = pending.pop() {
+                let (contents, commons) = delimiter_listing(&keys, &level_prefix(prefix, &dir));
+                for key in contents {
+                    if let Some(path) = level_object(prefix, &dir, &key) {
+                        proptest::prop_assert!(level_disks.insert(path));
+                    }
+                }
+                for common in commons {
+                    let path = level_dir(prefix, &dir, &common).expect("one level down");
+                    level_dirs.insert(path.clone());
+                    pending.push(path);
+                }
+            }
+            proptest::prop_assert_eq!(&level_disks, &whole_disks);
+            // Every folder marker is a directory of the level listing; the
+            // level listing's other directories hold disks or markers.
+            proptest::prop_assert!(whole_dirs.is_subset(&level_dirs));
+            for dir in &level_dirs {
+                proptest::prop_assert!(
+                    whole_dirs.contains(dir)
+                        || whole_disks.iter().chain(&whole_dirs).any(|p| p.len() > dir.len() && p.starts_with(dir))
+                );
+            }
+        }
+    }
 
     #[test]
     fn options_for_other_sources_are_refused_not_ignored() {

@@ -20,8 +20,8 @@ use bytes::Bytes;
 
 use super::http_range::{Answer, Expected};
 use super::{
-    bucket_and_prefix, causes, is_transient_status, place_key, DiskEntry, Inventory, KeyPlace,
-    Pinned, Provider, ProviderError, Version,
+    bucket_and_prefix, causes, is_transient_status, level_dir, level_object, level_prefix,
+    place_key, DiskEntry, Inventory, KeyPlace, Pinned, Provider, ProviderError, Version,
 };
 use crate::options::MountOptions;
 
@@ -168,6 +168,18 @@ fn to_system_time(time: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
+/// The disk a listed object is, at `path` in the mount.
+fn object_disk(path: Vec<String>, key: &str, object: &aws_sdk_s3::types::Object) -> DiskEntry {
+    DiskEntry {
+        path,
+        size: object.size().unwrap_or(0).max(0) as u64,
+        mtime: to_system_time(object.last_modified()),
+        version: Version::from_etag(object.e_tag()).unwrap_or(Version::Unpinned),
+        locator: key.to_string(),
+        allocated: None,
+    }
+}
+
 #[async_trait]
 impl Provider for S3Provider {
     fn preferred_request_size(&self) -> u64 {
@@ -196,15 +208,42 @@ impl Provider for S3Provider {
                     }
                     KeyPlace::Object(path) => path,
                 };
-                let size = object.size().unwrap_or(0).max(0) as u64;
-                inventory.disks.push(DiskEntry {
-                    path,
-                    size,
-                    mtime: to_system_time(object.last_modified()),
-                    version: Version::from_etag(object.e_tag()).unwrap_or(Version::Unpinned),
-                    locator: key.to_string(),
-                    allocated: None,
-                });
+                inventory.disks.push(object_disk(path, key, object));
+            }
+        }
+        Ok(inventory)
+    }
+
+    fn lists_levels(&self) -> bool {
+        true
+    }
+
+    async fn list_level(&self, dir: &[String]) -> Result<Inventory, ProviderError> {
+        let prefix = level_prefix(&self.prefix, dir);
+        let mut inventory = Inventory::default();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .delimiter("/")
+            .into_paginator()
+            .send();
+        let listing = format!("listing s3://{}/{prefix}", self.bucket);
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|err| map_error(&listing, err, None))?;
+            for common in page.common_prefixes() {
+                let Some(sub) = common.prefix() else { continue };
+                if let Some(path) = level_dir(&self.prefix, dir, sub) {
+                    inventory.empty_dirs.push(path);
+                }
+            }
+            for object in page.contents() {
+                let Some(key) = object.key() else { continue };
+                let Some(path) = level_object(&self.prefix, dir, key) else {
+                    continue;
+                };
+                inventory.disks.push(object_disk(path, key, object));
             }
         }
         Ok(inventory)
