@@ -31,7 +31,7 @@ fn symlinks_and_swapped_files_in_a_dir_tree_are_refused_at_open() {
     std::fs::write(outside.path().join("shadow"), b"root:SECRET:19000::::::\n").unwrap();
     std::fs::create_dir(outside.path().join("vm")).unwrap();
     std::fs::write(outside.path().join("vm/disk.raw"), b"OUTSIDE DISK").unwrap();
-    for vm in ["web", "db", "app"] {
+    for vm in ["web", "db", "app", "img"] {
         std::fs::create_dir(tree.path().join(vm)).unwrap();
         std::fs::write(
             tree.path().join(vm).join("disk.raw"),
@@ -55,13 +55,19 @@ fn symlinks_and_swapped_files_in_a_dir_tree_are_refused_at_open() {
     let err = open_error(&mount.file("web/disk.raw"));
     assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
 
-    // A directory on the path becomes a symlink out of the tree.
-    std::fs::rename(tree.path().join("db"), tree.path().join("db.old")).unwrap();
-    symlink(outside.path().join("vm"), tree.path().join("db")).unwrap();
-    let err = open_error(&mount.file("db/disk.raw"));
-    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    // A directory on the path becomes a symlink out of the tree, after it
+    // was listed (the open refuses it) or before (its listing does).
+    assert!(mount.file("db/disk.raw").is_file());
+    for vm in ["db", "img"] {
+        let old = tree.path().join(format!("{vm}.old"));
+        std::fs::rename(tree.path().join(vm), old).unwrap();
+        symlink(outside.path().join("vm"), tree.path().join(vm)).unwrap();
+        let err = open_error(&mount.file(&format!("{vm}/disk.raw")));
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{vm}: {err}");
+    }
 
     // Another file renamed over the listed one: not the disk that was listed.
+    assert!(mount.file("app/disk.raw").is_file());
     std::fs::write(tree.path().join("app/new"), b"replaced bytes").unwrap();
     std::fs::rename(
         tree.path().join("app/new"),
@@ -77,6 +83,10 @@ fn symlinks_and_swapped_files_in_a_dir_tree_are_refused_at_open() {
         "{log}"
     );
     assert!(log.contains("db/disk.raw"), "{log}");
+    assert!(
+        log.contains("img: a symlink or '..' on the path, refused"),
+        "{log}"
+    );
 }
 
 #[test]

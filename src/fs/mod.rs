@@ -198,9 +198,9 @@ impl FsCore {
                 };
                 (Kind::Dir, 0, 0, 0o555, nlink)
             }
-            NodeKind::File { disk, size, .. } => {
-                let size = size.load(Ordering::Relaxed);
-                let allocated = disk.allocated.map_or(size, |a| a.min(size));
+            NodeKind::File(file) => {
+                let size = file.size.load(Ordering::Relaxed);
+                let allocated = file.allocated.map_or(size, |a| a.min(size));
                 (
                     Kind::File,
                     size,
@@ -215,7 +215,7 @@ impl FsCore {
             kind,
             size,
             blocks,
-            mtime: node.mtime,
+            mtime: tree.mtime(ino),
             perm: (perm & !self.owner.umask) as u16,
             nlink,
             uid: self.owner.uid,
@@ -362,9 +362,9 @@ impl FsCore {
                 ino: child,
                 kind: match node.kind {
                     NodeKind::Dir(_) => Kind::Dir,
-                    NodeKind::File { .. } => Kind::File,
+                    NodeKind::File(_) => Kind::File,
                 },
-                name: &node.name,
+                name: tree.name(node),
                 next_offset: tree::FIRST_CHILD_OFFSET + first + at as u64 + 1,
                 attr: with_attrs
                     .then(|| self.attr_in(&tree, child).ok())
@@ -383,13 +383,17 @@ impl FsCore {
             return Err(FsError::ReadOnly);
         }
         // Nothing of the tree is held across the provider's answers.
-        let (disk, path) = {
+        let (disk, replaced, path) = {
             let tree = self.tree();
             let node = tree.present(ino).ok_or(FsError::NotFound)?;
-            let NodeKind::File { disk, .. } = &node.kind else {
+            let NodeKind::File(file) = &node.kind else {
                 return Err(FsError::IsDirectory);
             };
-            (Arc::clone(disk), tree.path_of(ino))
+            (
+                Arc::new(tree.disk_entry(file)),
+                file.replaced,
+                tree.path_of(ino),
+            )
         };
         let disk = &disk;
         self.provider.begin_read(disk).await.map_err(|source| {
@@ -453,9 +457,9 @@ impl FsCore {
             match tree.get(ino).map(|node| &node.kind) {
                 // Only while the node still lists the disk this open pinned:
                 // a refresh that replaced it meanwhile brought its own size.
-                Some(NodeKind::File {
-                    size, disk: now, ..
-                }) if Arc::ptr_eq(now, disk) => tree.set_size(size, current_size),
+                Some(NodeKind::File(file)) if file.replaced == replaced => {
+                    tree.set_size(&file.size, current_size)
+                }
                 _ => current_size,
             }
         };

@@ -142,7 +142,7 @@ pub(super) fn plan_in(tree: &Tree, inventory: Inventory, scope: Option<u64>) -> 
                 !plan.seen.has(ino)
                     && matches!(
                         tree.get(ino).map(|node| &node.kind),
-                        Some(NodeKind::File { .. })
+                        Some(NodeKind::File(_))
                     )
             });
         match plain {
@@ -170,11 +170,10 @@ fn existing_dir(tree: &Tree, path: &[String], seen: &mut Seen) -> Option<u64> {
 
 impl Plan {
     /// `disk` is listed again as file `ino`.
-    fn matched(&mut self, tree: &Tree, ino: u64, mut disk: DiskEntry) {
+    fn matched(&mut self, tree: &Tree, ino: u64, disk: DiskEntry) {
         self.seen.mark(ino);
-        disk.path = Vec::new();
-        if let Some(NodeKind::File { disk: listed, .. }) = tree.get(ino).map(|node| &node.kind) {
-            if **listed != disk {
+        if let Some(NodeKind::File(listed)) = tree.get(ino).map(|node| &node.kind) {
+            if !tree.lists(listed, &disk) {
                 self.changed.push((ino, disk));
             }
         }
@@ -205,14 +204,14 @@ pub(super) fn apply(tree: &mut Tree, plan: Plan, stale: &mut Vec<Stale>) -> Chan
         let seen = plan.seen.has(ino);
         let is_file = matches!(
             tree.get(ino).map(|node| &node.kind),
-            Some(NodeKind::File { .. })
+            Some(NodeKind::File(_))
         );
         if tree.set_gone(ino, !seen) {
             let Some(node) = tree.get(ino) else { continue };
             if !seen {
                 stale.push(Stale::Entry {
                     parent: node.parent,
-                    name: node.name.clone(),
+                    name: tree.name(node).into(),
                 });
             }
             stale.push(Stale::Attrs(node.parent));
@@ -591,9 +590,13 @@ mod tests {
     fn listed(tree: &Tree) -> BTreeMap<String, (u64, u64, String)> {
         (1..=tree.len() as u64)
             .filter_map(|ino| match &tree.present(ino)?.kind {
-                NodeKind::File { disk, size, .. } => Some((
+                NodeKind::File(file) => Some((
                     tree.path_of(ino),
-                    (ino, size.load(Ordering::Relaxed), disk.locator.clone()),
+                    (
+                        ino,
+                        file.size.load(Ordering::Relaxed),
+                        tree.locator(file).to_owned(),
+                    ),
                 )),
                 NodeKind::Dir(_) => None,
             })

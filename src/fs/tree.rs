@@ -18,20 +18,24 @@
 //! so no name is held twice; the count of sub-directories (`nlink`) and
 //! the total of all sizes (`statfs`) are kept, not counted.
 //!
+//! Sized for memory too: every name and locator lives in one string of
+//! the tree's (no small allocation per disk, and no holes left among them
+//! when the listing that brought them is freed), and a file's node holds
+//! its disk's fields inline.
+//!
 //! Nothing is ever taken out: an entry the provider no longer lists is
 //! marked gone (hidden from lookup and listing), so that the same path
 //! keeps its inode number and its place in the listing if it comes back.
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::SystemTime;
 
 use hashbrown::HashTable;
 
 use super::names::{candidate_names, unique_name, valid_name};
 use super::Kind;
-use crate::provider::{DiskEntry, Inventory};
+use crate::provider::{DiskEntry, Inventory, Version};
 
 pub const ROOT_INO: u64 = 1;
 
@@ -40,24 +44,42 @@ pub const FIRST_CHILD_OFFSET: u64 = 2;
 
 pub struct Node {
     pub parent: u64,
-    pub name: Box<str>,
-    pub mtime: SystemTime,
+    name: Span,
     pub kind: NodeKind,
 }
 
 pub enum NodeKind {
     /// Index into the tree's directories.
     Dir(u32),
-    File {
-        disk: Arc<DiskEntry>,
-        /// The size last seen, refreshed when a file is opened.
-        size: AtomicU64,
-        /// No longer listed by the provider.
-        gone: bool,
-    },
+    File(FileNode),
 }
 
-#[derive(Default)]
+/// A disk as listed, less its path (the tree is the path).
+pub struct FileNode {
+    /// The size last seen, refreshed when a file is opened.
+    pub size: AtomicU64,
+    /// The size listed, which a refresh compares with.
+    listed_size: u64,
+    pub mtime: SystemTime,
+    pub version: Version,
+    locator: Span,
+    pub allocated: Option<u64>,
+    /// Bumped whenever a refresh replaces the listed disk.
+    pub replaced: u32,
+    /// No longer listed by the provider.
+    pub gone: bool,
+}
+
+/// Where a string is in the tree's [`Tree::strings`].
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    len: u32,
+}
+
+/// What the tree's strings can hold: offsets are 32 bits.
+const STRINGS_MAX: usize = u32::MAX as usize;
+
 pub struct Dir {
     /// The name the provider gives it (the node's name may be mapped):
     /// what a listing of this one directory asks for.
@@ -68,6 +90,8 @@ pub struct Dir {
     /// When its next listing is due, in the refresher's milliseconds (a
     /// provider listed one level at a time).
     pub due_ms: AtomicU64,
+    /// The newest mtime beneath it.
+    pub mtime: SystemTime,
     /// Children in listing order, gone ones included.
     pub entries: Vec<u64>,
     /// The same children, found by name.
@@ -82,9 +106,28 @@ pub struct Dir {
     pub listed_generation: AtomicU64,
 }
 
+impl Dir {
+    fn new(raw: &str, unlisted: bool, mtime: SystemTime) -> Dir {
+        Dir {
+            raw: raw.into(),
+            unlisted,
+            due_ms: AtomicU64::new(0),
+            mtime,
+            entries: Vec::new(),
+            index: HashTable::new(),
+            subdirs: 0,
+            gone: false,
+            generation: 0,
+            listed_generation: AtomicU64::new(0),
+        }
+    }
+}
+
 pub struct Tree {
     nodes: Vec<Node>,
     dirs: Vec<Dir>,
+    /// Every node's name and every file's locator, end to end.
+    strings: String,
     hasher: RandomState,
     total_bytes: AtomicU64,
     gone: u64,
@@ -97,7 +140,8 @@ impl Tree {
     fn empty(capacity: usize) -> Tree {
         let mut tree = Tree {
             nodes: Vec::with_capacity(capacity + 1),
-            dirs: vec![Dir::default()],
+            dirs: vec![Dir::new("", false, SystemTime::UNIX_EPOCH)],
+            strings: String::new(),
             hasher: RandomState::new(),
             total_bytes: AtomicU64::new(0),
             gone: 0,
@@ -105,15 +149,13 @@ impl Tree {
         };
         tree.nodes.push(Node {
             parent: ROOT_INO,
-            name: "".into(),
-            mtime: SystemTime::UNIX_EPOCH,
+            name: Span::default(),
             kind: NodeKind::Dir(0),
         });
         tree
     }
 
-    /// Takes the inventory: each disk's path is spent on its place in the
-    /// tree (its [`DiskEntry::path`] is empty afterwards).
+    /// Takes the inventory.
     pub fn build(inventory: Inventory) -> Tree {
         Self::build_from(inventory, false)
     }
@@ -147,27 +189,84 @@ impl Tree {
         for disk in disks {
             tree.add_disk(disk);
         }
-        let newest = tree.nodes.iter().map(|node| node.mtime).max();
-        tree.nodes[0].mtime = newest.unwrap_or(SystemTime::UNIX_EPOCH);
+        let newest = (1..=tree.nodes.len() as u64)
+            .map(|ino| tree.mtime(ino))
+            .max();
+        tree.dirs[0].mtime = newest.unwrap_or(SystemTime::UNIX_EPOCH);
         // Listings come out sorted by name whatever order they were made in.
-        let nodes = &tree.nodes;
+        let (nodes, strings, hasher) = (&tree.nodes, &tree.strings, &tree.hasher);
+        let name = |ino: u64| span_str(strings, nodes[(ino - 1) as usize].name);
         for dir in &mut tree.dirs {
-            dir.entries.sort_unstable_by(|&a, &b| {
-                nodes[(a - 1) as usize]
-                    .name
-                    .cmp(&nodes[(b - 1) as usize].name)
-            });
+            dir.entries.sort_unstable_by(|&a, &b| name(a).cmp(name(b)));
             dir.entries.shrink_to_fit();
-            dir.index
-                .shrink_to_fit(|&ino| tree.hasher.hash_one(&*nodes[(ino - 1) as usize].name));
+            dir.index.shrink_to_fit(|&ino| hasher.hash_one(name(ino)));
         }
         tree.nodes.shrink_to_fit();
         tree.dirs.shrink_to_fit();
+        tree.strings.shrink_to_fit();
         tree
     }
 
-    /// The directories of `path`, made where missing (or back if gone).
-    pub(super) fn make_dirs(&mut self, path: &[String], mtime: SystemTime) -> u64 {
+    /// Keeps `text` in the tree's strings, unless they are full.
+    fn store(&mut self, text: &str) -> Option<Span> {
+        let start = self.strings.len();
+        if STRINGS_MAX - start < text.len() {
+            tracing::warn!(
+                "left out of the inventory: its names and locators pass {STRINGS_MAX} bytes"
+            );
+            return None;
+        }
+        self.strings.push_str(text);
+        Some(Span {
+            start: start as u32,
+            len: text.len() as u32,
+        })
+    }
+
+    /// The name of `node` in its directory.
+    pub fn name<'a>(&'a self, node: &Node) -> &'a str {
+        span_str(&self.strings, node.name)
+    }
+
+    /// Where the provider finds the file's bytes.
+    pub fn locator<'a>(&'a self, file: &FileNode) -> &'a str {
+        span_str(&self.strings, file.locator)
+    }
+
+    /// Entry `ino`'s mtime (a directory's: the newest beneath it).
+    pub fn mtime(&self, ino: u64) -> SystemTime {
+        match self.get(ino).map(|node| &node.kind) {
+            Some(NodeKind::File(file)) => file.mtime,
+            Some(NodeKind::Dir(dir)) => self.dirs[*dir as usize].mtime,
+            None => SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    /// The disk a file was listed as, for the provider to read (its path
+    /// is the tree's business, left empty).
+    pub fn disk_entry(&self, file: &FileNode) -> DiskEntry {
+        DiskEntry {
+            path: Vec::new(),
+            size: file.listed_size,
+            mtime: file.mtime,
+            version: file.version.clone(),
+            locator: self.locator(file).to_owned(),
+            allocated: file.allocated,
+        }
+    }
+
+    /// Whether `disk` is what file `file` was listed as (its path aside).
+    pub fn lists(&self, file: &FileNode, disk: &DiskEntry) -> bool {
+        file.listed_size == disk.size
+            && file.mtime == disk.mtime
+            && file.allocated == disk.allocated
+            && file.version == disk.version
+            && self.locator(file) == disk.locator
+    }
+
+    /// The directories of `path`, made where missing (or back if gone);
+    /// `None` when the tree's strings are full.
+    pub(super) fn make_dirs(&mut self, path: &[String], mtime: SystemTime) -> Option<u64> {
         let mut parent = ROOT_INO;
         for component in path {
             parent = match self.find(parent, component, Kind::Dir, "", |_| false) {
@@ -177,87 +276,72 @@ impl Tree {
                 }
                 None => {
                     let dir = self.dirs.len() as u32;
-                    self.dirs.push(Dir {
-                        raw: component.as_str().into(),
-                        unlisted: self.lazy,
-                        ..Dir::default()
-                    });
-                    self.add_child(
-                        parent,
-                        component.clone(),
-                        &clash_key("dir", component, ""),
-                        mtime,
-                        NodeKind::Dir(dir),
-                    )
+                    let key = clash_key("dir", component, "");
+                    let ino = self.add_child(parent, component, &key, NodeKind::Dir(dir))?;
+                    self.dirs.push(Dir::new(component, self.lazy, mtime));
+                    ino
                 }
             };
-            let node = &mut self.nodes[(parent - 1) as usize];
-            node.mtime = node.mtime.max(mtime);
+            let dir = self.dir_index(parent);
+            let newest = &mut self.dirs[dir].mtime;
+            *newest = (*newest).max(mtime);
         }
-        parent
+        Some(parent)
     }
 
     /// Places a disk not in the tree (its directories made as needed).
-    pub(super) fn add_disk(&mut self, mut disk: DiskEntry) -> Option<u64> {
-        let mut path = std::mem::take(&mut disk.path);
-        let file_name = path.pop()?;
-        let parent = self.make_dirs(&path, disk.mtime);
-        let key = clash_key("file", &file_name, &disk.locator);
-        let (mtime, size) = (disk.mtime, disk.size);
-        self.add_total(0, size);
-        Some(self.add_child(
-            parent,
-            file_name,
-            &key,
-            mtime,
-            NodeKind::File {
-                disk: Arc::new(disk),
-                size: AtomicU64::new(size),
-                gone: false,
-            },
-        ))
+    pub(super) fn add_disk(&mut self, disk: DiskEntry) -> Option<u64> {
+        let (file_name, dir_path) = disk.path.split_last()?;
+        let parent = self.make_dirs(dir_path, disk.mtime)?;
+        let key = clash_key("file", file_name, &disk.locator);
+        let locator = self.store(&disk.locator)?;
+        let file = FileNode {
+            size: AtomicU64::new(disk.size),
+            listed_size: disk.size,
+            mtime: disk.mtime,
+            version: disk.version,
+            locator,
+            allocated: disk.allocated,
+            replaced: 0,
+            gone: false,
+        };
+        let ino = self.add_child(parent, file_name, &key, NodeKind::File(file))?;
+        self.add_total(0, disk.size);
+        Some(ino)
     }
 
+    /// `kind` as a new child of `parent`: a directory's [`Dir`] is pushed
+    /// right after.
     fn add_child(
         &mut self,
         parent: u64,
-        raw_name: String,
+        raw_name: &str,
         key: &[u8],
-        mtime: SystemTime,
         kind: NodeKind,
-    ) -> u64 {
+    ) -> Option<u64> {
         let ino = self.nodes.len() as u64 + 1;
-        let NodeKind::Dir(dir) = self.nodes[(parent - 1) as usize].kind else {
-            unreachable!("parents are directories");
-        };
-        let valid = valid_name(&raw_name);
-        // Mostly the raw name is valid and free: it becomes the node's name
-        // as it is, with no copy (and no freed string left in the heap).
-        let name = if *valid == *raw_name && self.child(parent, &valid).is_none() {
-            drop(valid);
-            raw_name
+        let dir = self.dir_index(parent);
+        let valid = valid_name(raw_name);
+        let name = if self.child(parent, &valid).is_none() {
+            self.store(&valid)?
         } else {
-            unique_name(|name| self.child(parent, name).is_some(), &valid, key)
+            let unique = unique_name(|name| self.child(parent, name).is_some(), &valid, key);
+            self.store(&unique)?
         };
         let is_dir = matches!(kind, NodeKind::Dir(_));
-        let hash = self.hasher.hash_one(name.as_str());
-        self.nodes.push(Node {
-            parent,
-            name: name.into_boxed_str(),
-            mtime,
-            kind,
-        });
-        let (nodes, hasher) = (&self.nodes, &self.hasher);
-        let dir = &mut self.dirs[dir as usize];
+        let hash = self.hasher.hash_one(span_str(&self.strings, name));
+        self.nodes.push(Node { parent, name, kind });
+        let (nodes, strings, hasher) = (&self.nodes, &self.strings, &self.hasher);
+        let dir = &mut self.dirs[dir];
         dir.index.insert_unique(hash, ino, |&child| {
-            hasher.hash_one(&*nodes[(child - 1) as usize].name)
+            hasher.hash_one(span_str(strings, nodes[(child - 1) as usize].name))
         });
         dir.entries.push(ino);
         dir.generation += 1;
         if is_dir {
             dir.subdirs += 1;
         }
-        ino
+        Some(ino)
     }
 
     /// The entry placed for `raw_name` under `parent` (gone or not): a
@@ -280,8 +364,8 @@ impl Tree {
             let ino = self.child(parent, &name)?;
             let ours = match &self.nodes[(ino - 1) as usize].kind {
                 NodeKind::Dir(_) => kind == Kind::Dir,
-                NodeKind::File { disk, .. } => {
-                    kind == Kind::File && disk.locator == locator && !claimed(ino)
+                NodeKind::File(file) => {
+                    kind == Kind::File && self.locator(file) == locator && !claimed(ino)
                 }
             };
             if ours {
@@ -297,9 +381,9 @@ impl Tree {
         let index = (ino - 1) as usize;
         let parent = self.nodes[index].parent;
         let was = match &mut self.nodes[index].kind {
-            NodeKind::File {
+            NodeKind::File(FileNode {
                 gone: was, size, ..
-            } => {
+            }) => {
                 let size = size.load(Ordering::Relaxed);
                 let before = std::mem::replace(was, gone);
                 if before != gone {
@@ -332,29 +416,34 @@ impl Tree {
 
     /// A listed file's new size, mtime, version or locator.
     pub(super) fn replace_disk(&mut self, ino: u64, disk: DiskEntry) {
-        let node = &mut self.nodes[(ino - 1) as usize];
-        node.mtime = disk.mtime;
-        let NodeKind::File {
-            disk: old,
-            size,
-            gone,
-        } = &mut node.kind
-        else {
+        let Some(NodeKind::File(old)) = self.get(ino).map(|node| &node.kind) else {
             return;
         };
-        let listed = size.swap(disk.size, Ordering::Relaxed);
-        let counted = !*gone;
-        *old = Arc::new(disk);
-        let current = size.load(Ordering::Relaxed);
-        if counted {
-            self.add_total(listed, current);
+        let locator = if self.locator(old) == disk.locator {
+            Some(old.locator)
+        } else {
+            self.store(&disk.locator)
+        };
+        let Some(locator) = locator else { return };
+        let NodeKind::File(file) = &mut self.nodes[(ino - 1) as usize].kind else {
+            return;
+        };
+        let before = file.size.swap(disk.size, Ordering::Relaxed);
+        file.listed_size = disk.size;
+        file.mtime = disk.mtime;
+        file.version = disk.version;
+        file.locator = locator;
+        file.allocated = disk.allocated;
+        file.replaced = file.replaced.wrapping_add(1);
+        if !file.gone {
+            self.add_total(before, disk.size);
         }
     }
 
     fn dir_index(&self, ino: u64) -> usize {
         match self.nodes[(ino - 1) as usize].kind {
             NodeKind::Dir(dir) => dir as usize,
-            NodeKind::File { .. } => unreachable!("parents are directories"),
+            NodeKind::File(_) => unreachable!("parents are directories"),
         }
     }
 
@@ -378,7 +467,7 @@ impl Tree {
         let node = self.get(ino)?;
         let gone = match &node.kind {
             NodeKind::Dir(dir) => self.dirs[*dir as usize].gone,
-            NodeKind::File { gone, .. } => *gone,
+            NodeKind::File(file) => file.gone,
         };
         (!gone).then_some(node)
     }
@@ -387,7 +476,7 @@ impl Tree {
     pub fn dir(&self, ino: u64) -> Option<&Dir> {
         match self.get(ino)?.kind {
             NodeKind::Dir(dir) => self.dirs.get(dir as usize),
-            NodeKind::File { .. } => None,
+            NodeKind::File(_) => None,
         }
     }
 
@@ -397,7 +486,7 @@ impl Tree {
         let hash = self.hasher.hash_one(name);
         dir.index
             .find(hash, |&child| {
-                &*self.nodes[(child - 1) as usize].name == name
+                span_str(&self.strings, self.nodes[(child - 1) as usize].name) == name
             })
             .copied()
     }
@@ -453,7 +542,7 @@ impl Tree {
         let mut current = ino;
         while current != ROOT_INO {
             let Some(node) = self.get(current) else { break };
-            parts.push(&*node.name);
+            parts.push(self.name(node));
             current = node.parent;
         }
         parts.reverse();
@@ -474,6 +563,13 @@ impl Tree {
     }
 }
 
+fn span_str(strings: &str, span: Span) -> &str {
+    let start = span.start as usize;
+    strings
+        .get(start..start + span.len as usize)
+        .unwrap_or_default()
+}
+
 /// What tells an entry apart from a sibling of the same name: its kind,
 /// raw name and locator, each length-prefixed so that no two different
 /// triples make one key.
@@ -489,7 +585,6 @@ fn clash_key(kind: &str, raw_name: &str, locator: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::provider::Version;
     use std::collections::BTreeMap;
 
     fn disk(path: &[&str], size: u64) -> DiskEntry {
@@ -508,7 +603,7 @@ mod tests {
         let names: Vec<String> = dir
             .entries
             .iter()
-            .map(|&child| tree.get(child).unwrap().name.to_string())
+            .map(|&child| tree.name(tree.get(child).unwrap()).to_string())
             .collect();
         for (name, &child) in names.iter().zip(&dir.entries) {
             assert_eq!(
@@ -542,12 +637,52 @@ mod tests {
             .child(tree.child(vm2, "sub").unwrap(), "c.vmdk")
             .unwrap();
         assert!(tree.dir(file).is_none());
-        let NodeKind::File { size, .. } = &tree.get(file).unwrap().kind else {
+        let NodeKind::File(FileNode { size, .. }) = &tree.get(file).unwrap().kind else {
             panic!("a file");
         };
         // A size found at open moves the total with it.
         assert_eq!(tree.set_size(size, 35), 30);
         assert_eq!(tree.total_bytes(), 65);
+    }
+
+    #[test]
+    fn a_disk_costs_one_node_and_its_strings() {
+        // The per-disk figure in docs/design.md rests on this.
+        assert!(
+            std::mem::size_of::<Node>() <= 112,
+            "{}",
+            std::mem::size_of::<Node>()
+        );
+        let mut tree = Tree::build(Inventory {
+            disks: vec![disk(&["vm", "a.vmdk"], 10)],
+            empty_dirs: vec![],
+        });
+        assert_eq!(tree.strings, "vmvm/a.vmdka.vmdk");
+        let file = tree
+            .child(tree.child(ROOT_INO, "vm").unwrap(), "a.vmdk")
+            .unwrap();
+        let NodeKind::File(node) = &tree.get(file).unwrap().kind else {
+            panic!("a file");
+        };
+        let listed = tree.disk_entry(node);
+        assert!(tree.lists(node, &listed));
+        assert_eq!((listed.size, listed.locator.as_str()), (10, "vm/a.vmdk"));
+        // A replacement with the same locator stores nothing again.
+        let mut bigger = disk(&["vm", "a.vmdk"], 20);
+        tree.replace_disk(file, bigger.clone());
+        assert_eq!(tree.strings.len(), 17);
+        let NodeKind::File(node) = &tree.get(file).unwrap().kind else {
+            panic!("a file");
+        };
+        assert!(tree.lists(node, &bigger) && !tree.lists(node, &listed));
+        assert_eq!((node.replaced, tree.total_bytes()), (1, 20));
+        bigger.locator = "elsewhere".into();
+        tree.replace_disk(file, bigger.clone());
+        let NodeKind::File(node) = &tree.get(file).unwrap().kind else {
+            panic!("a file");
+        };
+        assert_eq!(tree.locator(node), "elsewhere");
+        assert_eq!(tree.path_of(file), "/vm/a.vmdk");
     }
 
     #[test]
@@ -584,7 +719,7 @@ mod tests {
     fn placed(tree: &Tree) -> BTreeMap<String, String> {
         (1..=tree.len() as u64)
             .filter_map(|ino| match &tree.get(ino)?.kind {
-                NodeKind::File { disk, .. } => Some((disk.locator.clone(), tree.path_of(ino))),
+                NodeKind::File(file) => Some((tree.locator(file).to_owned(), tree.path_of(ino))),
                 NodeKind::Dir { .. } => None,
             })
             .collect()
@@ -658,7 +793,7 @@ mod tests {
                 let tree = Tree::build(inventory(&disks));
                 let paths = placed(&tree);
                 let mut files: Vec<String> = (1..=tree.len() as u64)
-                    .filter(|&ino| matches!(tree.get(ino).unwrap().kind, NodeKind::File { .. }))
+                    .filter(|&ino| matches!(tree.get(ino).unwrap().kind, NodeKind::File(_)))
                     .map(|ino| tree.path_of(ino))
                     .collect();
                 files.sort();
@@ -667,7 +802,8 @@ mod tests {
                 prop_assert_eq!(files.len(), disks.len());
                 for ino in 1..=tree.len() as u64 {
                     let node = tree.get(ino).unwrap();
-                    prop_assert!(ino == ROOT_INO || crate::fs::names::is_valid(&node.name), "{:?}", node.name);
+                    let name = tree.name(node);
+                    prop_assert!(ino == ROOT_INO || crate::fs::names::is_valid(name), "{:?}", name);
                 }
                 prop_assert_eq!(placed(&Tree::build(inventory(&shuffled))), paths);
             }

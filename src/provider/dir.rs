@@ -7,6 +7,7 @@
 //! skipped with a warning: one bad folder on a share must not fail the
 //! mount.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -70,8 +71,8 @@ fn walk(
 
 /// The directory below the root that `dir` (components as [`component`]
 /// made them) names. A name that is plain UTF-8 without `%` is itself;
-/// any other is found among its parent's entries. A symlink on the way is
-/// not followed: nothing outside the tree is listed.
+/// any other is found among its parent's entries. Only names are read
+/// here: what is listed is opened beneath the root, refusing symlinks.
 fn level_path(tree: &LocalTree, dir: &[String]) -> std::io::Result<PathBuf> {
     let mut relative = PathBuf::new();
     for wanted in dir {
@@ -85,29 +86,39 @@ fn level_path(tree: &LocalTree, dir: &[String]) -> std::io::Result<PathBuf> {
             std::ffi::OsString::from(wanted)
         };
         relative.push(&name);
-        let meta = std::fs::symlink_metadata(tree.root().join(&relative))?;
-        if !meta.is_dir() {
-            return Err(std::io::Error::from(std::io::ErrorKind::NotADirectory));
-        }
     }
     Ok(relative)
 }
 
 /// One level of `dir`: its regular files, and its sub-directories.
-fn list_one_level(tree: &LocalTree, dir: &[String]) -> std::io::Result<Inventory> {
-    let relative = level_path(tree, dir)?;
+fn list_one_level(tree: &LocalTree, dir: &[String]) -> Result<Inventory, ProviderError> {
+    let shown = || dir.join("/");
+    let relative = level_path(tree, dir).map_err(|err| tree.refusal(&shown(), err))?;
+    let opened = tree
+        .open_dir_beneath(&relative)
+        .map_err(|err| tree.refusal(&shown(), err))?;
+    // The descriptor's own entry: the directory opened, wherever its path
+    // points by now.
+    let listed = PathBuf::from(format!("/proc/self/fd/{}", opened.as_raw_fd()));
     let mut out = Inventory::default();
-    for entry in std::fs::read_dir(tree.root().join(&relative))? {
-        let entry = entry?;
-        let file_type = entry.file_type()?;
+    let io = |err: std::io::Error| {
+        ProviderError::Io(std::io::Error::new(
+            err.kind(),
+            format!("listing {}: {err}", shown()),
+        ))
+    };
+    for entry in std::fs::read_dir(&listed).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let file_type = entry.file_type().map_err(io)?;
         let name = entry.file_name();
         let mut path = dir.to_vec();
         path.push(component(&name));
         if file_type.is_dir() {
             out.empty_dirs.push(path);
         } else if file_type.is_file() {
+            let meta = entry.metadata().map_err(io)?;
             out.disks
-                .push(tree.entry(path, &relative.join(&name), &entry.metadata()?));
+                .push(tree.entry(path, &relative.join(&name), &meta));
         } else {
             tracing::debug!(path = %entry.path().display(), "skipping: not a regular file or directory");
         }
@@ -124,22 +135,9 @@ impl Provider for DirProvider {
     async fn list_level(&self, dir: &[String]) -> Result<Inventory, ProviderError> {
         let tree = Arc::clone(&self.tree);
         let dir = dir.to_vec();
-        tokio::task::spawn_blocking(move || {
-            list_one_level(&tree, &dir).map_err(|err| {
-                let shown = tree.root().join(dir.join("/"));
-                match err.kind() {
-                    std::io::ErrorKind::NotFound => {
-                        ProviderError::NotFound(format!("listing {}: {err}", shown.display()))
-                    }
-                    _ => ProviderError::Io(std::io::Error::new(
-                        err.kind(),
-                        format!("listing {}: {err}", shown.display()),
-                    )),
-                }
-            })
-        })
-        .await
-        .map_err(|err| ProviderError::Io(std::io::Error::other(err)))?
+        tokio::task::spawn_blocking(move || list_one_level(&tree, &dir))
+            .await
+            .map_err(|err| ProviderError::Io(std::io::Error::other(err)))?
     }
 
     async fn list(&self) -> Result<Inventory, ProviderError> {

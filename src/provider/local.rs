@@ -122,16 +122,8 @@ impl LocalTree {
         let relative = Path::new(OsStr::from_bytes(&relative));
         let shown = || relative.display().to_string();
         let file = self
-            .open_beneath(relative)
-            .map_err(|err| match err.raw_os_error() {
-                Some(libc::ENOENT) => ProviderError::NotFound(format!("{} is gone", shown())),
-                Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR) => ProviderError::Denied(format!(
-                    "{}: a symlink or '..' on the path, refused: nothing outside {} is served",
-                    shown(),
-                    self.root.display()
-                )),
-                _ => ProviderError::Io(io::Error::new(err.kind(), format!("{}: {err}", shown()))),
-            })?;
+            .open_beneath(relative, 0)
+            .map_err(|err| self.refusal(&shown(), err))?;
         let meta = file.metadata()?;
         if !meta.is_file() {
             return Err(ProviderError::Denied(format!(
@@ -161,10 +153,36 @@ impl LocalTree {
         })
     }
 
-    fn open_beneath(&self, relative: &Path) -> io::Result<File> {
+    /// What a failed open beneath the root means, for `shown` (a path
+    /// below the root).
+    pub(super) fn refusal(&self, shown: &str, err: io::Error) -> ProviderError {
+        match err.raw_os_error() {
+            Some(libc::ENOENT) => ProviderError::NotFound(format!("{shown} is gone")),
+            Some(libc::ELOOP | libc::EXDEV | libc::ENOTDIR) => ProviderError::Denied(format!(
+                "{shown}: a symlink or '..' on the path, refused: nothing outside {} is served",
+                self.root.display()
+            )),
+            _ => ProviderError::Io(io::Error::new(err.kind(), format!("{shown}: {err}"))),
+        }
+    }
+
+    /// The directory at `relative`, opened as [`Self::open_beneath`] opens
+    /// a disk: what a listing of it reads, so a symlink swapped in after
+    /// its name was found is never followed.
+    pub(super) fn open_dir_beneath(&self, relative: &Path) -> io::Result<File> {
+        let relative = if relative.as_os_str().is_empty() {
+            Path::new(".") // the root itself
+        } else {
+            relative
+        };
+        self.open_beneath(relative, libc::O_DIRECTORY)
+    }
+
+    fn open_beneath(&self, relative: &Path, extra_flags: i32) -> io::Result<File> {
         // O_NONBLOCK: a FIFO swapped in must not hang the open; regular
         // files ignore it.
-        let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let flags =
+            libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK | extra_flags;
         if self.openat2.load(Ordering::Relaxed) {
             match openat2_beneath(self.root_fd.as_raw_fd(), relative, flags) {
                 Err(err) if matches!(err.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
@@ -218,6 +236,9 @@ fn walk_nofollow(root: RawFd, relative: &Path, flags: i32) -> io::Result<File> {
             Component::CurDir => {}
             _ => return Err(io::Error::from_raw_os_error(libc::EXDEV)),
         }
+    }
+    if components.is_empty() && relative.as_os_str() == "." {
+        components.push(c".".to_owned());
     }
     let Some((last, dirs)) = components.split_last() else {
         return Err(io::Error::from_raw_os_error(libc::ENOENT));
