@@ -4,12 +4,12 @@
 # fake-gcs-server (GCS), the vSphere simulator (built from Debian's govmomi
 # library and tests/vcsim/main.go), Redis (the fleet budget), rsync, and the
 # tools the tests drive (curl, script, setpriv), and cargo-deb and man for
-# the package test.
+# the package test, and rclone, the peer scripts/bench.sh compares with.
 # Idempotent: packages already present are not fetched again.
 set -eu
 
 need_apt=
-for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm qemu-img:qemu-utils openssl:openssl go:golang-go redis-server:redis-server script:bsdutils setpriv:util-linux debugfs:e2fsprogs mkfs.ext4:e2fsprogs man:man-db gzip:gzip dpkg-deb:dpkg; do
+for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm qemu-img:qemu-utils openssl:openssl go:golang-go redis-server:redis-server script:bsdutils setpriv:util-linux debugfs:e2fsprogs mkfs.ext4:e2fsprogs man:man-db gzip:gzip dpkg-deb:dpkg rclone:rclone; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt="$need_apt ${tool#*:}"
 done
 
