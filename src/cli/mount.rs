@@ -333,8 +333,9 @@ pub fn mount(
     };
     // Two request loops, each on its own clone of /dev/fuse: while one
     // thread copies a 1 MiB reply into the kernel, the other reads the
-    // next request (measured: ~15-25% more for one sequential reader on
-    // 2 cores). The work itself runs on the tokio runtime.
+    // next request (measured on 2 cores, one sequential reader: 15-25%
+    // more from nginx in three pairs, inside the noise; demo:// the same).
+    // The work itself runs on the tokio runtime.
     let threads = fuse_threads();
     config.n_threads = Some(threads);
     config.clone_fd = threads > 1;

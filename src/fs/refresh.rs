@@ -337,22 +337,25 @@ impl Refresher {
     /// answers from the tree as it is.
     pub fn poke(self: &Arc<Self>, dir: u64) {
         let Some(every) = self.every else { return };
-        let lazy = self.lazy && {
-            let tree = self.read_tree();
+        if self.lazy {
             {
+                let tree = self.read_tree();
                 let Some(listed) = tree.dir(dir) else { return };
-                if listed.unlisted || self.now_ms() < listed.due_ms.load(Ordering::Relaxed) {
+                let due = listed.due_ms.load(Ordering::Relaxed);
+                if listed.unlisted || self.now_ms() < due {
                     return;
                 }
-                // Not due again while this listing runs, or after it failed.
-                listed.due_ms.store(
-                    self.due_in(every.min(FAILED_LISTING_PAUSE)),
-                    Ordering::Relaxed,
-                );
-                true
+                // Not due again while this listing runs, or after it failed;
+                // of two pokes at once, only the one that moved it lists.
+                let next = self.due_in(every.min(FAILED_LISTING_PAUSE));
+                if listed
+                    .due_ms
+                    .compare_exchange(due, next, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+                {
+                    return;
+                }
             }
-        };
-        if lazy {
             let refresher = Arc::clone(self);
             self.runtime.spawn(async move {
                 if let Err(err) = refresher.list_dir(dir, false).await {

@@ -223,6 +223,22 @@ impl Tree {
         })
     }
 
+    /// Puts `text` (no longer than `span`) where `span` was, for a string
+    /// that only one entry points at; the rest of `span` is left unused.
+    fn overwrite(&mut self, span: Span, text: &str) -> Span {
+        let start = span.start as usize;
+        let end = start + span.len as usize;
+        // Same length in and out, so nothing after it moves; the padding
+        // keeps the whole range valid UTF-8.
+        let padding = "\0".repeat(span.len as usize - text.len());
+        self.strings
+            .replace_range(start..end, &format!("{text}{padding}"));
+        Span {
+            start: span.start,
+            len: text.len() as u32,
+        }
+    }
+
     /// The name of `node` in its directory.
     pub fn name<'a>(&'a self, node: &Node) -> &'a str {
         span_str(&self.strings, node.name)
@@ -419,8 +435,13 @@ impl Tree {
         let Some(NodeKind::File(old)) = self.get(ino).map(|node| &node.kind) else {
             return;
         };
+        let old_locator = old.locator;
         let locator = if self.locator(old) == disk.locator {
-            Some(old.locator)
+            Some(old_locator)
+        } else if disk.locator.len() <= old_locator.len as usize {
+            // In the old one's place: a URL signed anew at every listing
+            // must not grow the strings by its length each time.
+            Some(self.overwrite(old_locator, &disk.locator))
         } else {
             self.store(&disk.locator)
         };
@@ -676,12 +697,18 @@ mod tests {
         };
         assert!(tree.lists(node, &bigger) && !tree.lists(node, &listed));
         assert_eq!((node.replaced, tree.total_bytes()), (1, 20));
-        bigger.locator = "elsewhere".into();
-        tree.replace_disk(file, bigger.clone());
-        let NodeKind::File(node) = &tree.get(file).unwrap().kind else {
-            panic!("a file");
-        };
-        assert_eq!(tree.locator(node), "elsewhere");
+        // A new locator no longer than the old takes its place; a longer
+        // one is stored anew.
+        for (locator, stored) in [("vm/b.raw", 17), ("vm/c.raw", 17), ("a/longer/place", 31)] {
+            bigger.locator = locator.into();
+            tree.replace_disk(file, bigger.clone());
+            let NodeKind::File(node) = &tree.get(file).unwrap().kind else {
+                panic!("a file");
+            };
+            assert_eq!(tree.locator(node), locator);
+            assert_eq!(tree.strings.len(), stored, "{:?}", tree.strings);
+        }
+        assert_eq!(tree.name(tree.get(file).unwrap()), "a.vmdk");
         assert_eq!(tree.path_of(file), "/vm/a.vmdk");
     }
 
