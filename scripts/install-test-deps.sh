@@ -4,12 +4,13 @@
 # fake-gcs-server (GCS), the vSphere simulator (built from Debian's govmomi
 # library and tests/vcsim/main.go), Redis (the fleet budget), rsync, and the
 # tools the tests drive (curl, script, setpriv), and cargo-deb and man for
-# the package test, and rclone, the peer scripts/bench.sh compares with.
+# the package test, rclone, the peer scripts/bench.sh compares with, and
+# debootstrap and qemu-system-x86 for the automount test's guest.
 # Idempotent: packages already present are not fetched again.
 set -eu
 
 need_apt=
-for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm qemu-img:qemu-utils openssl:openssl go:golang-go redis-server:redis-server script:bsdutils setpriv:util-linux debugfs:e2fsprogs mkfs.ext4:e2fsprogs man:man-db gzip:gzip dpkg-deb:dpkg rclone:rclone; do
+for tool in fusermount3:fuse3 nginx:nginx rsync:rsync curl:curl sha256sum:coreutils dd:coreutils npm:npm qemu-img:qemu-utils openssl:openssl go:golang-go redis-server:redis-server script:bsdutils setpriv:util-linux debugfs:e2fsprogs mkfs.ext4:e2fsprogs man:man-db gzip:gzip dpkg-deb:dpkg rclone:rclone debootstrap:debootstrap; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || need_apt="$need_apt ${tool#*:}"
 done
 
@@ -23,6 +24,33 @@ if [ -n "$need_apt" ]; then
     # shellcheck disable=SC2086 # one word per package
     apt-get install -y -qq --no-install-recommends $need_apt >/dev/null
 fi
+
+# The automount test's guest emulator. The image's qemu-utils (qemu-img, which
+# the sparse-copy tests drive) comes from bookworm-backports, and Debian's own
+# qemu-system-x86 7.2 breaks it: apt would remove qemu-img to install it. So the
+# emulator is taken from the release the installed qemu-utils came from.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "install-test-deps: need root to install: qemu-system-x86" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    utils_version=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null || true)
+    case $utils_version in
+    *bpo*)
+        codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+        echo "deb http://deb.debian.org/debian ${codename}-backports main" >/etc/apt/sources.list.d/vmexportfs-backports.list
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends --no-remove -t "${codename}-backports" "qemu-system-x86=$utils_version" >/dev/null
+        ;;
+    *)
+        apt-get install -y -qq --no-install-recommends --no-remove qemu-system-x86 qemu-utils >/dev/null
+        ;;
+    esac
+fi
+for tool in qemu-img qemu-system-x86_64; do
+    command -v "$tool" >/dev/null 2>&1 || { echo "install-test-deps: $tool missing after install" >&2; exit 1; }
+done
 
 # moto's server, the S3 stand-in, from PyPI.
 if ! command -v moto_server >/dev/null 2>&1; then

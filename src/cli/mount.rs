@@ -10,7 +10,6 @@
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +20,7 @@ use fuser::{MountOption, SessionACL};
 use crate::control::socket::{self, ControlSocket};
 use crate::control::{describe_limit, metrics, Controller};
 use crate::fs::{FsCore, Ownership};
+use crate::fuse::kernel_mount::{self, KernelMount, MountRequest, Unmounted};
 use crate::fuse::FuseAdapter;
 use crate::options::{Control, MountOptions};
 use crate::provider::{open_source, redact_url};
@@ -53,6 +53,9 @@ fn fuse_threads() -> usize {
 /// A live mount: the FUSE session and the core behind it.
 pub struct Mounted {
     session: Option<fuser::BackgroundSession>,
+    /// Our own mount(2), when we made it; `None` when fuser mounted
+    /// through fusermount3 and unmounts it with the session.
+    kernel_mount: Option<KernelMount>,
     core: Arc<FsCore>,
     controller: Option<Arc<Controller>>,
     /// Removed when the mount goes.
@@ -79,18 +82,45 @@ impl Mounted {
     pub fn unmount(mut self, runtime: &tokio::runtime::Handle) -> anyhow::Result<()> {
         self.control_socket.take();
         self.core.shutdown();
+        let kernel_mount = self.kernel_mount.take();
         let result = match self.session.take() {
             None => Ok(()),
+            // Unmounted from outside (umount, systemd's idle timeout).
             Some(session) if session.guard.is_finished() => {
-                let _ = session.join();
+                match kernel_mount {
+                    Some(kernel_mount) => {
+                        kernel_mount.forget();
+                        let _ = session.join();
+                    }
+                    // fuser 0.18 takes a gone connection (POLLERR) for a
+                    // live one and would unmount the path again, taking
+                    // down what lies below (an autofs trigger); its thread
+                    // has ended, so there is nothing to join.
+                    None => std::mem::forget(session),
+                }
                 Ok(())
             }
-            Some(session) => match session.umount_and_join() {
-                Ok(()) => Ok(()),
-                Err(err) => {
-                    tracing::warn!(mountpoint = %self.mountpoint.display(), "unmount: {err}; detaching");
-                    lazy_unmount(&self.mountpoint)
-                }
+            Some(session) => match kernel_mount {
+                Some(kernel_mount) => match kernel_mount.unmount() {
+                    Ok(Unmounted::Clean) => {
+                        let _ = session.join();
+                        Ok(())
+                    }
+                    // The session lasts until the last user lets go; the
+                    // kernel ends it when this process exits.
+                    Ok(Unmounted::Detached) => {
+                        tracing::warn!(mountpoint = %self.mountpoint.display(), "unmount: busy; detached");
+                        Ok(())
+                    }
+                    Err(err) => Err(anyhow!(err)),
+                },
+                None => match session.umount_and_join() {
+                    Ok(()) => Ok(()),
+                    Err(err) => {
+                        tracing::warn!(mountpoint = %self.mountpoint.display(), "unmount: {err}; detaching");
+                        lazy_unmount(&self.mountpoint)
+                    }
+                },
             },
         };
         let core = Arc::clone(&self.core);
@@ -126,6 +156,9 @@ fn lazy_unmount(mountpoint: &Path) -> anyhow::Result<()> {
 
 /// The filesystem type our mounts show in /proc/mounts.
 const FSTYPE: &str = "fuse.vmexportfs";
+/// An automount trigger (`x-systemd.automount`, autofs maps): we mount on
+/// top of it, as systemd or automount(8) expect.
+const AUTOFS: &str = "autofs";
 /// How long a mount already there may take to answer before it is taken
 /// for live (a stopped daemon hangs every request).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -136,6 +169,14 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// cleared goes into `notes`, for the log once it is open.
 pub fn check_mountpoint(mountpoint: &Path, notes: &mut Vec<String>) -> anyhow::Result<PathBuf> {
     let shown = mountpoint.display();
+    // An autofs trigger is taken as it is, and before canonicalize: any
+    // look at it (realpath, stat) would wait for the mount we are to make.
+    // Only a canonical path can match a mountinfo line.
+    if let Ok(absolute) = std::path::absolute(mountpoint) {
+        if mounted_type(&absolute)?.as_deref() == Some(AUTOFS) {
+            return Ok(absolute);
+        }
+    }
     let canonical = match mountpoint.canonicalize() {
         Ok(canonical) => canonical,
         // The path itself is a dead FUSE mount: resolve its parent.
@@ -153,6 +194,9 @@ pub fn check_mountpoint(mountpoint: &Path, notes: &mut Vec<String>) -> anyhow::R
         Err(err) => bail!("mountpoint {shown}: {err}"),
     };
     if let Some(fstype) = mounted_type(&canonical)? {
+        if fstype == AUTOFS {
+            return Ok(canonical);
+        }
         match probe(&canonical) {
             Probe::Dead if fstype == FSTYPE => {
                 lazy_unmount(&canonical)?;
@@ -185,18 +229,29 @@ pub fn check_mountpoint(mountpoint: &Path, notes: &mut Vec<String>) -> anyhow::R
 fn mounted_type(path: &Path) -> anyhow::Result<Option<String>> {
     let mountinfo =
         std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
-    Ok(mountinfo_type(&mountinfo, &path.to_string_lossy()))
+    Ok(topmost_mount(&mountinfo, &path.to_string_lossy()).map(|mount| mount.fstype))
 }
 
-/// In mountinfo, field 5 is the mountpoint and the type follows the ` - `
-/// separator; later lines are mounted on top of earlier ones.
-fn mountinfo_type(mountinfo: &str, wanted: &str) -> Option<String> {
+/// One line of /proc/self/mountinfo, the fields we use.
+#[derive(Debug, PartialEq, Eq)]
+struct MountEntry {
+    /// `major:minor`
+    device: String,
+    fstype: String,
+}
+
+/// In mountinfo, field 3 is the device, field 5 the mountpoint, and the
+/// type follows the ` - ` separator; later lines are mounted on top of
+/// earlier ones.
+fn topmost_mount(mountinfo: &str, wanted: &str) -> Option<MountEntry> {
     mountinfo
         .lines()
         .filter(|line| line.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(wanted))
         .filter_map(|line| {
+            let device = line.split(' ').nth(2)?.to_owned();
             let (_, after) = line.split_once(" - ")?;
-            after.split(' ').next().map(unescape_mountinfo)
+            let fstype = after.split(' ').next().map(unescape_mountinfo)?;
+            Some(MountEntry { device, fstype })
         })
         .next_back()
 }
@@ -340,7 +395,7 @@ pub fn mount(
     config.n_threads = Some(threads);
     config.clone_fd = threads > 1;
     let adapter = FuseAdapter::new(Arc::clone(&core), runtime.clone());
-    let session = fuser::spawn_mount(adapter, mountpoint, &config).map_err(|err| {
+    let mount_error = |err: std::io::Error| {
         if err.kind() == std::io::ErrorKind::PermissionDenied {
             anyhow!(
                 "mounting {}: {err} (FUSE mounts need root or the fuse3 package's fusermount3)",
@@ -349,10 +404,35 @@ pub fn mount(
         } else {
             anyhow!("mounting {}: {err}", mountpoint.display())
         }
-    })?;
+    };
+    let fsname = redact_url(source);
+    let request = MountRequest {
+        mountpoint,
+        fsname: &fsname,
+        subtype: "vmexportfs",
+        allow_other: config.acl != SessionACL::Owner,
+        default_permissions: config
+            .mount_options
+            .contains(&MountOption::DefaultPermissions),
+    };
+    let (session, kernel_mount) = match kernel_mount::mount(&request).map_err(mount_error)? {
+        Some((fuse_fd, kernel_mount)) => {
+            let acl = config.acl;
+            // A failed handshake drops `kernel_mount`, which detaches it.
+            let session = fuser::Session::from_fd(adapter, fuse_fd, acl, config)
+                .and_then(fuser::Session::spawn)
+                .map_err(mount_error)?;
+            (session, Some(kernel_mount))
+        }
+        None => (
+            fuser::spawn_mount(adapter, mountpoint, &config).map_err(mount_error)?,
+            None,
+        ),
+    };
     core.set_kernel_cache(Box::new(crate::fuse::KernelNotifier(session.notifier())));
     let mut mounted = Mounted {
         session: Some(session),
+        kernel_mount,
         core: Arc::clone(&core),
         controller: None,
         control_socket: None,
@@ -482,13 +562,19 @@ fn check_answers(mountpoint: &Path) -> anyhow::Result<()> {
 
 /// The kernel reads a FUSE file in 128 KiB requests unless the mount's
 /// backing device allows more read-ahead; KernelConfig can only lower it.
+/// The device comes from mountinfo, not a stat of the mountpoint, which
+/// on an autofs trigger would wait for systemd (see `mount`).
 fn raise_kernel_read_ahead(mountpoint: &Path) {
-    let Ok(meta) = std::fs::metadata(mountpoint) else {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return;
     };
-    let dev = meta.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    let Some(device) = topmost_mount(&mountinfo, &mountpoint.to_string_lossy())
+        .filter(|mount| mount.fstype == FSTYPE)
+        .map(|mount| mount.device)
+    else {
+        return;
+    };
+    let knob = format!("/sys/class/bdi/{device}/read_ahead_kb");
     if let Err(err) = std::fs::write(&knob, KERNEL_READ_AHEAD_KB.to_string()) {
         tracing::debug!("cannot raise kernel read-ahead at {knob}: {err}");
     }
@@ -625,10 +711,6 @@ fn run_daemon(
     log_path: &Path,
     ready: &mut std::fs::File,
 ) -> anyhow::Result<()> {
-    // SAFETY: plain process-state syscalls in a single-threaded child.
-    unsafe {
-        libc::setsid();
-    }
     // Run by systemd (a mount unit, a service): the journal has stderr, and
     // keeps it for the daemon's life, unless log= names a file.
     let to_journal = options.log.is_none() && super::systemd::stderr_is_journal();
@@ -641,6 +723,13 @@ fn run_daemon(
     detach_stdio(to_journal)?;
     let runtime = build_runtime()?;
     let mounted = mount(source, mountpoint, options, option_groups, runtime.handle())?;
+    // Our own session only once mounted: an autofs trigger lets the
+    // process group that serves it (systemd's, which mount(8) and we are
+    // in until here) mount on it, and makes every other process wait.
+    // SAFETY: a plain process-state syscall.
+    unsafe {
+        libc::setsid();
+    }
     writeln!(ready, "OK {}", mounted.summary())?;
     drop(std::mem::replace(ready, std::fs::File::open("/dev/null")?));
     // The daemon is not the process systemd started: name it (its units
@@ -737,15 +826,19 @@ mod tests {
         let mountinfo = "22 1 0:21 / /mnt/a rw - ext4 /dev/vda rw\n\
                          40 22 0:40 / /mnt/a\\040b ro,nosuid - fuse.vmexportfs demo:// ro\n\
                          41 22 0:41 / /mnt/a ro - fuse.vmexportfs dir:///x ro\n";
+        let entry = |device: &str, fstype: &str| MountEntry {
+            device: device.into(),
+            fstype: fstype.into(),
+        };
         assert_eq!(
-            mountinfo_type(mountinfo, "/mnt/a").as_deref(),
-            Some("fuse.vmexportfs")
+            topmost_mount(mountinfo, "/mnt/a"),
+            Some(entry("0:41", "fuse.vmexportfs"))
         );
         assert_eq!(
-            mountinfo_type(mountinfo, "/mnt/a b").as_deref(),
-            Some("fuse.vmexportfs")
+            topmost_mount(mountinfo, "/mnt/a b"),
+            Some(entry("0:40", "fuse.vmexportfs"))
         );
-        assert_eq!(mountinfo_type(mountinfo, "/mnt"), None);
+        assert_eq!(topmost_mount(mountinfo, "/mnt"), None);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! goes back for the next request at once: many reads are in flight
 //! together, and a slow read never holds up a `stat` or `ls`.
 
+pub mod kernel_mount;
+
 use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -35,6 +37,28 @@ pub struct FuseAdapter {
 impl FuseAdapter {
     pub fn new(core: Arc<FsCore>, runtime: tokio::runtime::Handle) -> Self {
         FuseAdapter { core, runtime }
+    }
+
+    /// Answers a directory read once the directory is listed: at once if it
+    /// is, else after listing it on the runtime, never on a FUSE thread.
+    fn when_listed<R: Send + 'static>(
+        &self,
+        ino: INodeNo,
+        operation: &'static str,
+        reply: R,
+        fail: fn(R, Errno),
+        answer: impl FnOnce(&FsCore, R) + Send + 'static,
+    ) {
+        if !self.core.needs_listing(ino.0) {
+            return contained(operation, || answer(&self.core, reply));
+        }
+        let core = Arc::clone(&self.core);
+        self.runtime.spawn(async move {
+            match core.list_dir(ino.0).await {
+                Ok(()) => contained(operation, || answer(&core, reply)),
+                Err(err) => fail(reply, listing_errno(&err)),
+            }
+        });
     }
 }
 
@@ -405,17 +429,13 @@ impl fuser::Filesystem for FuseAdapter {
         offset: u64,
         reply: ReplyDirectory,
     ) {
-        if self.core.needs_listing(ino.0) {
-            let core = Arc::clone(&self.core);
-            self.runtime.spawn(async move {
-                match core.list_dir(ino.0).await {
-                    Ok(()) => contained("readdir", || answer_readdir(&core, ino, offset, reply)),
-                    Err(err) => reply.error(listing_errno(&err)),
-                }
-            });
-            return;
-        }
-        contained("readdir", || answer_readdir(&self.core, ino, offset, reply))
+        self.when_listed(
+            ino,
+            "readdir",
+            reply,
+            ReplyDirectory::error,
+            move |core, reply| answer_readdir(core, ino, offset, reply),
+        )
     }
 
     /// readdir with each entry's attributes, so that `ls -l` needs no
@@ -428,21 +448,13 @@ impl fuser::Filesystem for FuseAdapter {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
-        if self.core.needs_listing(ino.0) {
-            let core = Arc::clone(&self.core);
-            self.runtime.spawn(async move {
-                match core.list_dir(ino.0).await {
-                    Ok(()) => contained("readdirplus", || {
-                        answer_readdirplus(&core, ino, offset, reply)
-                    }),
-                    Err(err) => reply.error(listing_errno(&err)),
-                }
-            });
-            return;
-        }
-        contained("readdirplus", || {
-            answer_readdirplus(&self.core, ino, offset, reply)
-        })
+        self.when_listed(
+            ino,
+            "readdirplus",
+            reply,
+            ReplyDirectoryPlus::error,
+            move |core, reply| answer_readdirplus(core, ino, offset, reply),
+        )
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
