@@ -11,7 +11,9 @@
 #     file from an ext4 image; a 4 KiB read's latency after a seek at
 #     rate=20M; CPU-s/GiB of the daemon beside curl's; peak RSS with 16
 #     readers at once (http, and gs:// where requests are 16 MiB)
-#   achieved/target rate at rate=20M and rate=200M (http), rate=50M (s3, moto)
+#   achieved/target rate at rate=20M and rate=200M (http), rate=50M (s3 and
+#     ebs, moto), and fetched/written bytes of a sparse EBS snapshot copied
+#     with cp --sparse=always
 #   bandwidth control (http): `vmexportfs rate` 20M -> 60M on a running copy,
 #     priority 3:1 under contention at rate=40M, and two mounts (two
 #     processes) sharing fleet_rate=40M through Redis: achieved/target each
@@ -242,7 +244,7 @@ RSS16_HTTP=$(rss16 "$URL/manifest.json" "" vm/disk.raw)
 # S3 through moto (when installed): achieved/target at rate=50M (bytes
 # fetched) over 32 passes of a 16 MiB object. moto copies the whole object for every ranged
 # GET, so a larger object measures moto's copying, not the limit.
-R50S3=
+R50S3= R50EBS= EBS_FETCHED= EBS_WRITTEN= EBS_ALLOCATED=
 if command -v moto_server >/dev/null; then
     MOTO_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     moto_server -H 127.0.0.1 -p "$MOTO_PORT" >/dev/null 2>&1 &
@@ -263,6 +265,45 @@ PY
     for _ in $(seq 32); do cat "$m/disk.raw"; done > /dev/null
     R50S3=$(awk -v f="$(totals "$m" | awk '{print $1}')" -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN {print f / (b - a)}')
     unmount "$m"
+
+    # ebs:// through the same moto: a 1 GiB snapshot whose first 400 MiB
+    # are written whole, and every 4th 512 KiB block of the rest. The rate
+    # is bytes fetched over the time of reading the dense part at rate=50M
+    # (reading holes takes time and fetches nothing); fetched/written, for
+    # a copy of the whole file, says whether a hole cost a fetch.
+    EBS_SNAP=$(python3 - "$MOTO_PORT" <<'PY'
+import base64, hashlib, os, sys
+import boto3
+ebs = boto3.client("ebs", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1")
+snap = ebs.start_snapshot(VolumeSize=1)["SnapshotId"]
+blocks = list(range(800)) + list(range(800, 2048, 4))
+for index in blocks:
+    data = os.urandom(512 << 10)
+    ebs.put_snapshot_block(SnapshotId=snap, BlockIndex=index, BlockData=data, DataLength=len(data),
+                           Checksum=base64.b64encode(hashlib.sha256(data).digest()).decode(),
+                           ChecksumAlgorithm="SHA256")
+ebs.complete_snapshot(SnapshotId=snap, ChangedBlocksCount=len(blocks))
+print(snap, len(blocks))
+PY
+)
+    EBS_WRITTEN=$(( ${EBS_SNAP#* } * 512 * 1024 ))
+    EBS_SNAP=${EBS_SNAP% *}
+    m=$(mount_vmx "ebs://us-east-1/$EBS_SNAP" "endpoint=http://127.0.0.1:$MOTO_PORT,rate=50M")
+    # Opened first: the open lists the snapshot's blocks, which is not
+    # throttled traffic.
+    exec 3<"$m/$EBS_SNAP.img"
+    t0=$(date +%s.%N)
+    dd of=/dev/null bs=1M count=400 <&3 2>/dev/null
+    t1=$(date +%s.%N)
+    exec 3<&-
+    R50EBS=$(awk -v f="$(totals "$m" | awk '{print $1}')" -v a="$t0" -v b="$t1" 'BEGIN {print f / (b - a)}')
+    unmount "$m"
+    m=$(mount_vmx "ebs://us-east-1/$EBS_SNAP" "endpoint=http://127.0.0.1:$MOTO_PORT")
+    cp --sparse=always "$m/$EBS_SNAP.img" "$WORK/ebs.img"
+    EBS_FETCHED=$(totals "$m" | awk '{print $1}')
+    EBS_ALLOCATED=$(( $(stat -c %b "$WORK/ebs.img") * 512 ))
+    unmount "$m"
+    rm -f "$WORK/ebs.img"
     kill "$MOTO_PID"
 fi
 
@@ -510,6 +551,7 @@ awk -v curl="$CURL" -v curlnull="$CURL_NULL" -v mnt="$MOUNT" -v rclone="$RCLONE"
     -v seeklat="$SEEK_LAT" -v rangeget="$RANGE_GET" -v cpumount="$CPU_MOUNT" -v cpucurl="$CPU_CURL" \
     -v rss16http="$RSS16_HTTP" -v rss16gs="$RSS16_GS" \
     -v r20="$R20" -v r200="$R200" -v r50s3="$R50S3" -v runs="$RUNS" -v size="$SIZE_MIB" \
+    -v r50ebs="$R50EBS" -v ebsfetched="$EBS_FETCHED" -v ebswritten="$EBS_WRITTEN" -v ebsallocated="$EBS_ALLOCATED" \
     -v gscurl="$GS_CURL" -v gsmount="$GS_MOUNT" -v r50gs="$R50GS" \
     -v azcurl="$AZ_CURL" -v azmount="$AZ_MOUNT" -v r50az="$R50AZ" \
     -v vscurl="$VS_CURL" -v vsmount="$VS_MOUNT" -v r50vs="$R50VS" \
@@ -563,6 +605,13 @@ BEGIN {
         printf "| s3:// (moto) rate=50M achieved/target | %.4f (%.0f B/s) | 0.98-1.02 | %s |\n", r50s3 / t50, r50s3, (r50s3 / t50 >= 0.98 && r50s3 / t50 <= 1.02 ? "ok" : "MISS")
     } else {
         printf "| s3:// rate=50M | moto not installed | | |\n"
+    }
+    if (r50ebs != "") {
+        t50 = 50 * 1048576
+        printf "| ebs:// (moto) rate=50M achieved/target | %.4f (%.0f B/s) | 0.98-1.02 | %s |\n", r50ebs / t50, r50ebs, (r50ebs / t50 >= 0.98 && r50ebs / t50 <= 1.02 ? "ok" : "MISS")
+        printf "| ebs:// cp --sparse=always of a 1 GiB snapshot (%.0f MiB written): fetched/written | %.4f (copy allocates %.0f MiB) | 1.00 | %s |\n", ebswritten / 1048576, ebsfetched / ebswritten, ebsallocated / 1048576, (ebsfetched == ebswritten ? "ok" : "MISS")
+    } else {
+        printf "| ebs:// rate=50M | moto not installed | | |\n"
     }
     t = 20 * 1048576
     printf "| live: rate=20M before `vmexportfs rate 60M` | %.4f (%.0f B/s) | 0.95-1.05 | %s |\n", livebefore / t, livebefore, (livebefore / t >= 0.95 && livebefore / t <= 1.05 ? "ok" : "MISS")

@@ -77,7 +77,7 @@ pub struct MountOptions {
     /// A provider answer that stops sending bytes this long is aborted and
     /// retried.
     pub stall_timeout: Duration,
-    /// vSphere: read each VM's disks from a snapshot taken at first open.
+    /// vSphere, EBS: read each VM's disks from a snapshot taken at first open.
     pub snapshot: bool,
     /// How long a VM's snapshot outlives the last close of its files, so
     /// that `cp -r` (one file at a time) reads every file from one snapshot.

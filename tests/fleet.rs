@@ -135,7 +135,9 @@ fn a_lone_mount_gets_the_whole_budget_and_the_lower_limit_wins() {
         .unwrap();
     assert!(output.status.success());
     std::thread::sleep(Duration::from_secs(1));
-    assert_near("local 6M under fleet 16M", copy.measure(3.0), 6.0 * M, 0.05);
+    // Bytes arrive a read-ahead piece (~1.5 MiB at 6M) at a time: over 3 s
+    // one piece more or less is ±8%, over 6 s ±4%.
+    assert_near("local 6M under fleet 16M", copy.measure(6.0), 6.0 * M, 0.05);
     copy.finish();
     let metrics = sh(&format!("curl -sf http://127.0.0.1:{port}/metrics"));
     let value = |name: &str| -> f64 {
@@ -154,7 +156,7 @@ fn a_lone_mount_gets_the_whole_budget_and_the_lower_limit_wins() {
     // Every fetched byte was leased (at most two leases ahead).
     assert!(leased >= fetched && leased <= fetched + 3.0 * 1677721.0);
     // Few requests per second: a lease is a tenth of a second of budget.
-    let seconds = 8.0;
+    let seconds = 11.0;
     assert!(leases / seconds <= 12.0, "{leases} leases in ~{seconds}s");
     assert_eq!(value("vmexportfs_fleet_peers"), 1.0);
     assert_eq!(value("vmexportfs_fleet_fallback"), 0.0);

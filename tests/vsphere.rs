@@ -31,15 +31,6 @@ fn file_stem(datastore_path: &str) -> String {
     name.strip_suffix(".vmdk").unwrap().to_string()
 }
 
-/// Polls `check` for up to 10 s.
-fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn export_snapshot(vm: &str) -> Vec<(String, String)> {
     vec![(vm.to_string(), "vmexportfs".to_string())]
 }
@@ -418,22 +409,11 @@ fn default_inventory() -> Vcsim {
 }
 
 /// Lines of the mount log that hold every one of `words`.
-fn log_lines(mount: &Mount, words: &[&str]) -> Vec<String> {
-    mount
-        .log_text()
-        .lines()
-        .filter(|line| words.iter().all(|word| line.contains(word)))
-        .map(str::to_string)
-        .collect()
-}
-
 /// What the provider writes into its snapshots' descriptions.
 fn creator_marker(pid: u32) -> String {
-    let read = |path: &str| std::fs::read_to_string(path).unwrap().trim().to_string();
     format!(
-        "Taken by vmexportfs for a consistent export of the disks; removed when the export ends. [vmexportfs host={} pid={pid} boot={}]",
-        read("/proc/sys/kernel/hostname"),
-        read("/proc/sys/kernel/random/boot_id")
+        "Taken by vmexportfs for a consistent export of the disks; removed when the export ends. {}",
+        creator_record(pid)
     )
 }
 

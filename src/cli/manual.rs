@@ -57,7 +57,7 @@ fn mount_helper_command() -> Command {
         .disable_version_flag(true)
         .arg(Arg::new("source").value_name("SOURCE").required(true).help(
             "What to mount: demo://, dir:///path, hyperv:///path, http(s)://host/manifest.json, \
-             s3://bucket/prefix, az://account/container, gs://bucket, vsphere://host",
+             s3://bucket/prefix, ebs://region, az://account/container, gs://bucket, vsphere://host",
         ))
         .arg(
             Arg::new("dir")

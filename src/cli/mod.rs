@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
     name = "vmexportfs",
     version,
     about = "Mount a VM inventory read-only and export its disks through one rate limit",
-    after_help = "Sources: demo://, dir:///path, hyperv:///path, http(s)://host/manifest.json, s3://, az://, gs://, vsphere://\n\
+    after_help = "Sources: demo://, dir:///path, hyperv:///path, http(s)://host/manifest.json, s3://, ebs://, az://, gs://, vsphere://\n\
                   Options (-o): rate=SIZE, burst=SIZE|auto, cache=SIZE, schedule=, file_rate=, priority=, fleet=, control=, metrics=, ...\n\
                   See docs/options.md."
 )]

@@ -22,7 +22,6 @@ use chrono::NaiveDateTime;
 
 use crate::fs::FsCore;
 use crate::options::MountOptions;
-use crate::provider::Version;
 use crate::throttle::fleet::Fleet;
 use crate::throttle::schedule::{local_now, until_local};
 use crate::throttle::{Limit, LimitError, Throttle};
@@ -363,10 +362,7 @@ impl Controller {
                     eta_seconds: (rate > 0.0).then(|| left as f64 / rate),
                     weight: reader.weight(),
                     pinned: reader.pinned_version().to_string(),
-                    snapshot: match reader.pinned_version() {
-                        Version::Snapshot { id, .. } => Some(id.clone()),
-                        _ => None,
-                    },
+                    snapshot: reader.pinned_version().snapshot_id().map(str::to_string),
                     weak_pin: reader.pinned_version().weakness().map(str::to_string),
                 }
             })
@@ -399,6 +395,7 @@ impl Controller {
             priority: options.priority.to_string(),
             schedule,
             fleet,
+            provider: self.core.provider_activity(),
             totals: Totals {
                 bytes_fetched: fetched,
                 bytes_served: served,

@@ -28,6 +28,9 @@ pub struct Status {
     pub schedule: Option<ScheduleStatus>,
     pub fleet: Option<FleetView>,
     pub totals: Totals,
+    /// Provider-side work in progress (snapshots being taken).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub provider: Vec<String>,
     pub files: Vec<FileStatus>,
 }
 
@@ -245,6 +248,9 @@ impl Status {
             t.throttle_wait_seconds,
             t.open_files
         );
+        for line in &self.provider {
+            let _ = writeln!(out, "  {line}");
+        }
         for file in &self.files {
             let _ = writeln!(
                 out,
@@ -292,6 +298,32 @@ mod tests {
         // A stall shows within the window.
         let later = start + Duration::from_secs(15);
         assert!(window.rate(later, 10_000, Duration::from_secs(5)) < 1000.0);
+    }
+
+    #[test]
+    fn provider_work_in_progress_shows_in_the_text_and_the_json() {
+        let mut status: Status = serde_json::from_value(serde_json::json!({
+            "source": "ebs://us-east-1", "mountpoint": "/mnt/ec2", "pid": 7,
+            "uptime_seconds": 3.0, "limit": null, "limit_origin": "rate= option",
+            "file_rate": null, "priority": "", "schedule": null, "fleet": null,
+            "totals": {
+                "bytes_fetched": 0, "bytes_served": 0, "cache_hits": 0, "cache_misses": 0,
+                "fetch_rate": 0.0, "serve_rate": 0.0, "throttle_wait_seconds": 0.0,
+                "open_files": 0, "fetches_in_flight": 0
+            },
+            "files": []
+        }))
+        .expect("a status without provider lines still reads");
+        assert!(status.provider.is_empty());
+        assert!(!serde_json::to_string(&status).unwrap().contains("provider"));
+        status.provider = vec!["snapshot=on: web-i-0abc: waiting for snap-a 45%".into()];
+        let text = status.render();
+        assert!(
+            text.contains("\n  snapshot=on: web-i-0abc: waiting for snap-a 45%\n"),
+            "{text}"
+        );
+        let json: Status = serde_json::from_str(&serde_json::to_string(&status).unwrap()).unwrap();
+        assert_eq!(json.provider, status.provider);
     }
 
     #[test]

@@ -487,6 +487,11 @@ impl FsCore {
     }
 
     /// Every open file, by handle.
+    /// What the provider is busy with on its side, for `status`.
+    pub fn provider_activity(&self) -> Vec<String> {
+        self.provider.activity()
+    }
+
     pub fn open_files(&self) -> Vec<(u64, Arc<FileReader>)> {
         let mut files: Vec<_> = self
             .handles

@@ -18,6 +18,8 @@ pub mod azure;
 pub mod buffer;
 pub mod demo;
 pub mod dir;
+pub mod ebs;
+mod export_snapshot;
 pub mod gcs;
 pub mod http;
 mod http_range;
@@ -200,6 +202,14 @@ pub trait Provider: Send + Sync + 'static {
         0
     }
 
+    /// The unit this provider fetches in, when a request for part of one
+    /// costs the whole (an EBS block is fetched whole); 0 when any range
+    /// costs what it asks for. The read path fetches whole units where it
+    /// can, so that what it charges to the throttle is what crosses the link.
+    fn fetch_granule(&self) -> u64 {
+        0
+    }
+
     /// A file is being opened for reading, before its version is pinned
     /// (vSphere takes its snapshot here). Every `Ok` is matched by one
     /// [`Provider::end_read`].
@@ -213,6 +223,12 @@ pub trait Provider: Send + Sync + 'static {
     /// The mount is ending: undo whatever the provider left behind on the
     /// provider's side (snapshots) and sign out.
     async fn close(&self) {}
+
+    /// Provider-side work in progress, one line each, for `status` (an
+    /// EBS snapshot being taken for `snapshot=on`).
+    fn activity(&self) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Exactly `len` bytes at `offset` (the caller never reads past the size
     /// it pinned), failing with [`ProviderError::Changed`] if the disk is no
@@ -255,13 +271,14 @@ pub async fn open_source(
         )?)?)),
         "http" => Ok(Arc::new(http::HttpProvider::new(source, options)?)),
         "s3" => Ok(Arc::new(s3::S3Provider::new(source, options).await?)),
+        "ebs" => Ok(Arc::new(ebs::EbsProvider::new(source, options).await?)),
         "az" => Ok(Arc::new(azure::AzureProvider::new(source, options).await?)),
         "gs" => Ok(Arc::new(gcs::GcsProvider::new(source, options).await?)),
         "vsphere" => Ok(Arc::new(
             vsphere::VsphereProvider::new(source, options).await?,
         )),
         _ => Err(ProviderError::Config(format!(
-            "unknown source scheme '{scheme}://' in '{source}': expected demo, dir, hyperv, http, https, s3, az, gs, vsphere"
+            "unknown source scheme '{scheme}://' in '{source}': expected demo, dir, hyperv, http, https, s3, ebs, az, gs, vsphere"
         ))),
     }
 }
@@ -293,11 +310,11 @@ fn check_no_credentials(kind: &str, source: &str, rest: &str) -> Result<(), Prov
 /// be silently ignored (a key file or a CA the user counts on, never used),
 /// so they are refused, saying why.
 fn check_options_apply(kind: &str, options: &MountOptions) -> Result<(), ProviderError> {
-    const STORES: &[&str] = &["s3", "az", "gs"];
+    const STORES: &[&str] = &["s3", "ebs", "az", "gs"];
     let rules: [(&str, bool, &[&str]); 9] = [
         ("endpoint=", options.endpoint.is_some(), STORES),
         ("region=", options.region.is_some(), &["s3"]),
-        ("profile=", options.profile.is_some(), &["s3"]),
+        ("profile=", options.profile.is_some(), &["s3", "ebs"]),
         (
             "credentials=",
             options.credentials.is_some(),
@@ -308,10 +325,10 @@ fn check_options_apply(kind: &str, options: &MountOptions) -> Result<(), Provide
         (
             "cafile=",
             options.cafile.is_some(),
-            &["http", "s3", "az", "vsphere"],
+            &["http", "s3", "ebs", "az", "vsphere"],
         ),
         ("insecure", options.insecure, &["http", "az", "vsphere"]),
-        ("snapshot=on", options.snapshot, &["vsphere"]),
+        ("snapshot=on", options.snapshot, &["vsphere", "ebs"]),
     ];
     let Some((option, _, applies_to)) = rules
         .iter()
@@ -323,7 +340,8 @@ fn check_options_apply(kind: &str, options: &MountOptions) -> Result<(), Provide
         ("cafile=" | "insecure", "gs") => {
             "google-cloud-storage trusts the system roots only".to_string()
         }
-        ("insecure", "s3") => {
+        ("region=", "ebs") => "ebs://REGION names the region; give it there".to_string(),
+        ("insecure", "s3" | "ebs") => {
             "the AWS SDK always verifies TLS; give the endpoint's CA with cafile=".to_string()
         }
         _ => format!(
@@ -573,6 +591,7 @@ mod tests {
     fn options_for_other_sources_are_refused_not_ignored() {
         let given = |text: &str| MountOptions::parse([text]).unwrap();
         assert!(check_options_apply("s3", &given("endpoint=http://x,region=eu-west-1")).is_ok());
+        assert!(check_options_apply("ebs", &given("endpoint=http://x,profile=backup")).is_ok());
         assert!(check_options_apply("az", &given("credentials=/k,insecure")).is_ok());
         assert!(check_options_apply("demo", &given("rate=10M,uid=0")).is_ok());
         for (kind, options, expected) in [
@@ -592,6 +611,16 @@ mod tests {
                 "anonymous is not supported for dir:// sources",
             ),
             ("s3", "user=root", "user= is not supported for s3://"),
+            (
+                "ebs",
+                "region=eu-west-1",
+                "region= is not supported for ebs:// sources: ebs://REGION names the region",
+            ),
+            (
+                "ebs",
+                "insecure",
+                "insecure is not supported for ebs:// sources: the AWS SDK",
+            ),
             (
                 "gs",
                 "cafile=/ca.pem",

@@ -57,28 +57,7 @@ fn parse_source(source: &str) -> Result<(String, String), ProviderError> {
 impl S3Provider {
     pub async fn new(source: &str, options: &MountOptions) -> Result<Self, ProviderError> {
         let (bucket, prefix) = parse_source(source)?;
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(10))
-                    .read_timeout(options.stall_timeout)
-                    .operation_attempt_timeout(Duration::from_secs(120))
-                    .build(),
-            )
-            .retry_config(RetryConfig::standard().with_max_attempts(SDK_ATTEMPTS));
-        if let Some(region) = &options.region {
-            loader = loader.region(Region::new(region.clone()));
-        }
-        if let Some(profile) = &options.profile {
-            loader = loader.profile_name(profile);
-        }
-        if options.anonymous {
-            loader = loader.no_credentials();
-        }
-        if let Some(cafile) = &options.cafile {
-            loader = loader.http_client(https_client_trusting(cafile)?);
-        }
-        let shared = loader.load().await;
+        let shared = load_aws_config(options, options.region.as_deref()).await?;
         let mut config = aws_sdk_s3::config::Builder::from(&shared);
         if shared.region().is_none() {
             // S3 needs a region to sign with; us-east-1 answers for any
@@ -103,6 +82,37 @@ impl S3Provider {
     fn object(&self, key: &str) -> String {
         format!("s3://{}/{key}", self.bucket)
     }
+}
+
+/// The AWS SDK's shared configuration for a mount: the standard credential
+/// chain (or none with `anonymous`), `profile=`, `cafile=`, and timeouts
+/// and attempts that leave retrying to the read path.
+pub(super) async fn load_aws_config(
+    options: &MountOptions,
+    region: Option<&str>,
+) -> Result<aws_config::SdkConfig, ProviderError> {
+    let mut loader = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .read_timeout(options.stall_timeout)
+                .operation_attempt_timeout(Duration::from_secs(120))
+                .build(),
+        )
+        .retry_config(RetryConfig::standard().with_max_attempts(SDK_ATTEMPTS));
+    if let Some(region) = region {
+        loader = loader.region(Region::new(region.to_string()));
+    }
+    if let Some(profile) = &options.profile {
+        loader = loader.profile_name(profile);
+    }
+    if options.anonymous {
+        loader = loader.no_credentials();
+    }
+    if let Some(cafile) = &options.cafile {
+        loader = loader.http_client(https_client_trusting(cafile)?);
+    }
+    Ok(loader.load().await)
 }
 
 /// The SDK's HTTPS client, trusting the system roots and the CAs in

@@ -16,6 +16,9 @@ pub enum Version {
     /// `snapshot=on`), which do not change while it is held; the file's own
     /// validator is still sent and checked.
     Snapshot { id: String, file: Box<Version> },
+    /// An immutable provider snapshot (an EBS snapshot): its id names the
+    /// same bytes for as long as it exists.
+    Frozen(String),
     /// A local file's identity and times (dir://, hyperv://).
     File(Box<FileIdentity>),
     /// An HTTP Last-Modified date, as the server wrote it.
@@ -67,6 +70,7 @@ impl Version {
             Version::ETag(_)
             | Version::Generation(_)
             | Version::Snapshot { .. }
+            | Version::Frozen(_)
             | Version::File(_)
             | Version::Immutable => Strength::Strong,
             Version::Modified(_) => Strength::Seconds,
@@ -115,6 +119,14 @@ impl Version {
         }
     }
 
+    /// The provider snapshot the bytes are read from, if any.
+    pub fn snapshot_id(&self) -> Option<&str> {
+        match self {
+            Version::Snapshot { id, .. } | Version::Frozen(id) => Some(id),
+            _ => None,
+        }
+    }
+
     pub fn file(&self) -> Option<&FileIdentity> {
         match self {
             Version::File(identity) => Some(identity.as_ref()),
@@ -129,6 +141,7 @@ impl fmt::Display for Version {
             Version::ETag(etag) => write!(f, "etag {etag}"),
             Version::Generation(generation) => write!(f, "generation {generation}"),
             Version::Snapshot { id, file } => write!(f, "snapshot {id} ({file})"),
+            Version::Frozen(id) => write!(f, "snapshot {id} (immutable)"),
             Version::File(id) => write!(
                 f,
                 "file dev {} inode {} size {} mtime {}.{:09} ctime {}.{:09}",
@@ -163,6 +176,7 @@ mod tests {
             Version::ETag("\"abc\"".into()),
             Version::Generation(17),
             snapshot.clone(),
+            Version::Frozen("snap-0123456789abcdef0".into()),
             file,
             Version::Immutable,
         ] {
@@ -183,6 +197,12 @@ mod tests {
         // A snapshot still sends and checks its file's validator.
         assert_eq!(snapshot.modified(), Some("Tue, 01 Dec 2026 10:00:00 GMT"));
         assert_eq!(snapshot.etag(), None);
+        assert_eq!(snapshot.snapshot_id(), Some("snapshot-7"));
+        assert_eq!(
+            Version::Frozen("snap-1".into()).snapshot_id(),
+            Some("snap-1")
+        );
+        assert_eq!(Version::Immutable.snapshot_id(), None);
     }
 
     #[test]

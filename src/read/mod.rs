@@ -295,6 +295,10 @@ pub struct ReadPath {
     config: ReadConfig,
     /// Bytes per read-ahead request: the provider's preference, capped.
     max_request: u64,
+    /// The provider's fetch unit (an EBS block), at least [`PAGE`]: fetches
+    /// start and end on it where they can, since a fetch of part of a unit
+    /// costs the link the whole of it.
+    granule: u64,
     open_files: AtomicUsize,
     readers_per_version: Mutex<HashMap<u64, Arc<AtomicUsize>>>,
     shutdown: CancellationToken,
@@ -325,7 +329,12 @@ impl ReadPath {
             preferred => preferred,
         }
         .min(config.max_request);
+        let granule = match provider.fetch_granule() {
+            unit if unit > PAGE && unit.is_multiple_of(PAGE) => unit,
+            _ => PAGE,
+        };
         Arc::new(ReadPath {
+            granule,
             provider,
             throttle,
             priorities: RwLock::new(Priorities::default()),
@@ -577,6 +586,7 @@ impl ReadPath {
         unit: u64,
         parts: &mut Parts,
     ) {
+        let unit = unit.max(self.granule);
         let widest = from / unit * unit..to.div_ceil(unit).saturating_mul(unit).min(reader.size);
         let room = map.room(reader.key, from, to, widest);
         let mut at = from;
@@ -630,6 +640,13 @@ impl ReadPath {
         piece: u64,
         run: &CancellationToken,
     ) -> u64 {
+        // On the provider's units, when it has any: the unit the reader is
+        // in, whole.
+        let g = self.granule;
+        let ahead = match g > PAGE {
+            true => ahead.start / g * g..ahead.end.div_ceil(g).saturating_mul(g).min(reader.size),
+            false => ahead,
+        };
         let mut gaps: Vec<(u64, u64)> = Vec::new();
         map.cover(reader.key, ahead.start, ahead.end, false, |cover| {
             if let Cover::Gap { from, to } = cover {
@@ -642,13 +659,13 @@ impl ReadPath {
                 cursor = data.end;
                 let mut start = data.start;
                 while start < data.end {
-                    let planned = piece_end(start, piece, data.end);
+                    let planned = piece_end(start, piece, data.end, self.granule);
                     map.make_room(planned - start, false);
                     let free = map.free();
                     // What memory allows, and no more for now.
                     let end = match free >= planned - start {
                         true => planned,
-                        false => start + free / PAGE * PAGE,
+                        false => start + free / self.granule * self.granule,
                     };
                     let slots_full =
                         self.stats.ahead_in_flight.load(Ordering::Relaxed) >= MAX_AHEAD_REQUESTS;
@@ -784,12 +801,18 @@ impl ReadPath {
 
 /// Where a read-ahead request from `start` ends: `piece` on, at a 1 MiB
 /// boundary when the piece is that large (so that 1 MiB reads fall inside
-/// one extent and are served as slices), and never past `limit`.
-fn piece_end(start: u64, piece: u64, limit: u64) -> u64 {
+/// one extent and are served as slices), on the provider's `granule` in
+/// any case (the next request then starts on one), and never past `limit`.
+fn piece_end(start: u64, piece: u64, limit: u64, granule: u64) -> u64 {
     const ALIGN: u64 = 1 << 20;
+    let piece = piece.max(granule);
+    let align = match piece >= ALIGN {
+        true if ALIGN.is_multiple_of(granule) => ALIGN,
+        _ => granule,
+    };
     let mut end = start + piece;
-    if piece >= ALIGN && end / ALIGN * ALIGN > start {
-        end = end / ALIGN * ALIGN;
+    if align > PAGE && end / align * align > start {
+        end = end / align * align;
     }
     end.min(limit)
 }

@@ -66,30 +66,36 @@ impl RetryPolicy {
         CF: Future<Output = Result<T, ProviderError>>,
     {
         let (path, operation) = what;
-        let timed_out = || {
+        // A timeout says what the last attempt met, if it met anything.
+        let timed_out = |last: &Option<ProviderError>| {
+            let last = match last {
+                Some(err) => format!("; the last attempt: {err}"),
+                None => String::new(),
+            };
             ProviderError::Unreachable(format!(
-                "{operation}: the provider did not deliver within timeout={}s (retries included)",
+                "{operation}: the provider did not deliver within timeout={}s (retries included){last}",
                 self.timeout.as_secs_f64()
             ))
         };
         let mut attempt = 0;
+        let mut last = None;
         loop {
             wait().await;
             let remaining = self.timeout.saturating_sub(budget.spent);
             if remaining.is_zero() {
-                return Err(timed_out());
+                return Err(timed_out(&last));
             }
             let started = Instant::now();
             let result = tokio::time::timeout(remaining, call()).await;
             budget.spent += started.elapsed();
             match result {
-                Err(_) => return Err(timed_out()),
+                Err(_) => return Err(timed_out(&last)),
                 Ok(Err(err)) if err.is_transient() && attempt < self.max_retries => {
                     let left = self.timeout.saturating_sub(budget.spent);
                     let pause = backoff(attempt, self.base_backoff, self.max_backoff);
                     if pause >= left {
                         tracing::warn!(%path, "{operation} failed and no time is left for a retry: {err}");
-                        return Err(timed_out());
+                        return Err(timed_out(&Some(err)));
                     }
                     tracing::info!(
                         %path, attempt = attempt + 1,
@@ -101,6 +107,7 @@ impl RetryPolicy {
                     // Measured: timers round up to the millisecond.
                     budget.spent += paused.elapsed();
                     attempt += 1;
+                    last = Some(err);
                 }
                 Ok(result) => return result,
             }
@@ -150,7 +157,10 @@ mod tests {
             )
             .await;
         let err = result.unwrap_err().to_string();
-        assert!(err.contains("timeout=5s"), "{err}");
+        assert!(
+            err.contains("timeout=5s") && !err.contains("last attempt"),
+            "{err}"
+        );
         assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 
@@ -172,7 +182,14 @@ mod tests {
                 },
             )
             .await;
-        assert!(result.unwrap_err().to_string().contains("timeout=3s"));
+        let err = result.unwrap_err().to_string();
+        // What went wrong, not only that time ran out.
+        assert!(
+            err.contains("timeout=3s")
+                && err.contains("the last attempt:")
+                && err.contains("reset"),
+            "{err}"
+        );
         // Timers round up to the millisecond.
         assert!(
             started.elapsed() <= Duration::from_millis(3010),

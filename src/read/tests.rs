@@ -30,6 +30,8 @@ struct MockProvider {
     panics: AtomicU32,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    /// The unit it fetches in (0: none), like EBS's 512 KiB blocks.
+    granule: AtomicU64,
 }
 
 impl MockProvider {
@@ -42,6 +44,7 @@ impl MockProvider {
             panics: AtomicU32::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            granule: AtomicU64::new(0),
         })
     }
 
@@ -63,6 +66,10 @@ impl Provider for MockProvider {
     /// Like an object store.
     fn preferred_request_size(&self) -> u64 {
         16 * MIB
+    }
+
+    fn fetch_granule(&self) -> u64 {
+        self.granule.load(Ordering::Relaxed)
     }
 
     async fn read(
@@ -210,6 +217,49 @@ async fn sequential_reads_overlap_fetches_and_return_the_right_bytes() {
         requests.len() <= 40 && requests.iter().any(|(_, len)| *len as u64 >= 8 * MIB),
         "read-ahead not coalesced: {requests:?}"
     );
+}
+
+/// A provider that fetches whole blocks (EBS) is asked for whole blocks:
+/// a fetch of part of one would cost the link the whole block, and a
+/// neighbouring fetch would fetch it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_start_and_end_on_the_providers_blocks() {
+    const BLOCK: u64 = 512 << 10;
+    let provider = MockProvider::new(Duration::from_millis(2));
+    provider.granule.store(BLOCK, Ordering::Relaxed);
+    let path = read_path(provider.clone(), 64 * MIB);
+    let size = 24 * MIB;
+    let reader = open(&path, size);
+    // Sequential reads of the kernel's 128 KiB, from the first byte.
+    let mut offset = 0;
+    while offset < 12 * MIB {
+        let data = path.read(&reader, offset, 128 << 10).await.unwrap();
+        assert!(
+            data == expected(offset, data.len() as u64),
+            "bytes at {offset}"
+        );
+        offset += data.len() as u64;
+    }
+    // Then small reads here and there.
+    for offset in [13 * MIB + 5000, 20 * MIB + 3, 17 * MIB - 100] {
+        let data = path.read(&reader, offset, 4096).await.unwrap();
+        assert!(data == expected(offset, 4096), "bytes at {offset}");
+    }
+    let mut requests = provider.requests.lock().unwrap().clone();
+    requests.sort();
+    for (offset, len) in &requests {
+        let end = offset + *len as u64;
+        assert!(
+            offset.is_multiple_of(BLOCK) && (end.is_multiple_of(BLOCK) || end == size),
+            "a fetch of part of a block: {offset}+{len} in {requests:?}"
+        );
+    }
+    for pair in requests.windows(2) {
+        assert!(
+            pair[0].0 + pair[0].1 as u64 <= pair[1].0,
+            "a block fetched twice: {requests:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

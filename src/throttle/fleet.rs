@@ -418,10 +418,13 @@ impl FleetTask {
     }
 
     /// In fallback, leases come from the local clock at the fallback rate:
-    /// one lease per lease-length of time, never ahead of it.
+    /// one lease per lease-length of time, never ahead of it. A lease is a
+    /// tenth of a second at that rate (at most the shared lease), so a low
+    /// fallback rate is not served in coarse steps: 2 MiB leases at a 4M
+    /// fallback came every half second, and 4 s windows saw as little as 82%.
     async fn credit_locally(&self, throttle: &Throttle, next: &mut Instant) {
         let rate = self.fleet.fallback_rate().max(1);
-        let lease = self.fleet.config().lease();
+        let lease = (rate / 10).clamp(64 << 10, self.fleet.config().lease().max(64 << 10));
         *next = (*next).max(Instant::now());
         tokio::time::sleep_until(*next).await;
         // At least 64 KiB / 1 TiB/s and at most 16 MiB / 1 B/s: finite.

@@ -23,6 +23,9 @@ pub enum Fault {
     /// `x-ms-range`), as a proxy that ignores ranges does: upstream answers
     /// 200 with the whole object.
     StripRange,
+    /// Forward the answer with one byte of its body flipped, as a
+    /// corrupting middlebox or a bad disk would.
+    CorruptBody,
 }
 
 const STALL: Duration = Duration::from_secs(6);
@@ -37,6 +40,11 @@ pub enum Plan {
     },
     /// Every request gets this fault.
     Always(Fault),
+    /// Requests whose request line contains this text get the fault.
+    WhenPath {
+        contains: String,
+        fault: Fault,
+    },
 }
 
 pub struct FaultProxy {
@@ -136,6 +144,9 @@ fn handle(
             Some(faults[((n / every - 1) % faults.len() as u64) as usize])
         }
         Plan::Every { .. } => None,
+        Plan::WhenPath { contains, fault } => text_line(&head)
+            .contains(contains.as_str())
+            .then_some(*fault),
     };
     if fault.is_some() {
         faults_injected.fetch_add(1, Ordering::SeqCst);
@@ -170,8 +181,12 @@ fn handle(
         .map(|line| format!("{line}\r\n"))
         .collect();
     forwarded.push_str("Connection: close\r\n\r\n");
+    // A request body (EC2's form-encoded calls) follows the head as is.
+    let mut body = vec![0u8; content_length(&text)];
+    client.read_exact(&mut body)?;
     let mut upstream = TcpStream::connect(("127.0.0.1", upstream_port))?;
     upstream.write_all(forwarded.as_bytes())?;
+    upstream.write_all(&body)?;
     let mut answer = Vec::new();
     upstream.read_to_end(&mut answer)?;
     match fault {
@@ -193,8 +208,37 @@ fn handle(
             std::thread::sleep(STALL);
             client.shutdown(Shutdown::Both)
         }
+        Some(Fault::CorruptBody) => {
+            let body_at = answer
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map_or(0, |p| p + 4);
+            if body_at < answer.len() {
+                let middle = body_at + (answer.len() - body_at) / 2;
+                answer[middle] ^= 0x01;
+            }
+            client.write_all(&answer)
+        }
         _ => client.write_all(&answer),
     }
+}
+
+/// The request line of a request head.
+pub fn text_line(head: &[u8]) -> String {
+    String::from_utf8_lossy(head)
+        .split("\r\n")
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The Content-Length of a request head, 0 when there is none.
+fn content_length(head: &str) -> usize {
+    head.split("\r\n")
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Every kind of transient fault, in turn.

@@ -612,3 +612,36 @@ pub fn spawn_nginx(dir: &Path, config: &str, port: u16) -> Child {
     wait_for_port(port);
     child
 }
+
+/// The mount's log lines holding every one of `words`.
+pub fn log_lines(mount: &Mount, words: &[&str]) -> Vec<String> {
+    mount
+        .log_text()
+        .lines()
+        .filter(|line| words.iter().all(|word| line.contains(word)))
+        .map(str::to_string)
+        .collect()
+}
+
+/// How vmexportfs records the process that took a snapshot, here for
+/// process `pid`.
+pub fn creator_record(pid: u32) -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap().trim().to_string();
+    format!(
+        "[vmexportfs host={} pid={pid} boot={}]",
+        read("/proc/sys/kernel/hostname"),
+        read("/proc/sys/kernel/random/boot_id")
+    )
+}
+
+/// Polls `check` for up to 10 s.
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

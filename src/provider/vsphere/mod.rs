@@ -38,6 +38,7 @@ use reqwest::header::{HeaderMap, LAST_MODIFIED, RANGE};
 use url::Url;
 
 use self::api::{Api, BackingKind, BackingLink, DiskBacking, Login, SNAPSHOT_NAME};
+use super::export_snapshot::{remove_leftovers, Creator, Found, Holds, Snapshotter};
 use super::http::{check_status, content_length, ranged_get, transport_error, HttpProvider};
 use super::{read_secret_file, DiskEntry, Inventory, Pinned, Provider, ProviderError, Version};
 use crate::options::MountOptions;
@@ -62,16 +63,6 @@ struct VmMeta {
     tools_running: bool,
     /// A warning about reading a running VM without a snapshot was logged.
     warned: AtomicBool,
-}
-
-/// The snapshot held for one VM while any of its disks is open, and for
-/// the linger after the last close.
-#[derive(Default)]
-struct VmExport {
-    handles: usize,
-    snapshot: Option<String>,
-    /// The removal waiting out the linger; a re-open cancels it.
-    pending: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// One logged-in API session, renewed when the server drops it.
@@ -132,10 +123,9 @@ pub struct VsphereProvider {
     base: Url,
     /// Datastore GETs: the mount's stall timeout applies.
     data: reqwest::Client,
-    snapshot: bool,
-    snapshot_linger: Duration,
-    vms: Mutex<HashMap<String, Arc<VmMeta>>>,
-    exports: Mutex<HashMap<String, Arc<tokio::sync::Mutex<VmExport>>>>,
+    /// `snapshot=on`: each VM's export snapshot.
+    holds: Option<Holds<VmSnapshots>>,
+    vms: Arc<Mutex<HashMap<String, Arc<VmMeta>>>>,
     keepalive: tokio::task::JoinHandle<()>,
 }
 
@@ -254,15 +244,21 @@ impl VsphereProvider {
         let base = Url::parse(&format!("https://{host}/folder/"))
             .map_err(|err| ProviderError::Config(format!("vsphere://{host}: {err}")))?;
         let keepalive = tokio::spawn(keep_alive(Arc::downgrade(&session), keepalive_period()));
+        let vms = Arc::new(Mutex::new(HashMap::new()));
+        let holds = options.snapshot.then(|| {
+            let taker = VmSnapshots {
+                session: session.clone(),
+                vms: vms.clone(),
+            };
+            Holds::new(Arc::new(taker), options.snapshot_linger)
+        });
         let provider = VsphereProvider {
             session,
             datacenter: parsed.datacenter,
             base,
             data,
-            snapshot: options.snapshot,
-            snapshot_linger: options.snapshot_linger,
-            vms: Mutex::new(HashMap::new()),
-            exports: Mutex::new(HashMap::new()),
+            holds,
+            vms,
             keepalive,
         };
         // Before the first listing: removing a snapshot consolidates its
@@ -284,40 +280,20 @@ impl VsphereProvider {
                 return;
             }
         };
-        let here = Creator::this_process();
-        for snap in snapshots {
-            if snap.name != SNAPSHOT_NAME {
-                continue;
-            }
-            let (vm, snapshot) = (&snap.vm_name, &snap.id);
-            match leftover_verdict(&snap.description, &here, process_is_vmexportfs) {
-                Verdict::NotOurs => {}
-                Verdict::Legacy => tracing::warn!(
-                    %vm, %snapshot,
-                    "snapshot '{SNAPSHOT_NAME}' names no host (an older vmexportfs took it): left alone; remove it by hand if no export is running"
-                ),
-                Verdict::OtherHost(host) => tracing::info!(
-                    %vm, %snapshot,
-                    "snapshot '{SNAPSHOT_NAME}' belongs to vmexportfs on host {host}: left alone"
-                ),
-                Verdict::Live(pid) => tracing::info!(
-                    %vm, %snapshot,
-                    "snapshot '{SNAPSHOT_NAME}' belongs to vmexportfs pid {pid}, which is running: left alone"
-                ),
-                Verdict::Leftover(pid) => {
-                    match remove_export_snapshot(&self.session, vm, snapshot).await {
-                        Ok(()) => tracing::info!(
-                            %vm, %snapshot,
-                            "removed the snapshot left behind by vmexportfs pid {pid}, which is no longer running"
-                        ),
-                        Err(err) => tracing::warn!(
-                            %vm, %snapshot,
-                            "cannot remove the snapshot left behind by vmexportfs pid {pid}: {err}"
-                        ),
-                    }
-                }
-            }
-        }
+        let found = snapshots
+            .into_iter()
+            .filter(|snap| snap.name == SNAPSHOT_NAME)
+            .map(|snap| Found {
+                vm: snap.vm_name,
+                snapshot: snap.id,
+                record: snap.description,
+            })
+            .collect();
+        let what = format!("snapshot '{SNAPSHOT_NAME}'");
+        remove_leftovers(found, &what, |snapshot| async move {
+            remove_snapshot(&self.session, &snapshot).await
+        })
+        .await;
     }
 
     fn host(&self) -> &str {
@@ -453,28 +429,9 @@ impl VsphereProvider {
         })
     }
 
-    /// The snapshot this mount holds for the VM, if any.
-    async fn held_snapshot(&self, vm_id: &str) -> Option<String> {
-        if !self.snapshot {
-            return None;
-        }
-        let export = self
-            .exports
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(vm_id)
-            .cloned()?;
-        let snapshot = export.lock().await.snapshot.clone();
-        snapshot
-    }
-
-    fn export_of(&self, vm_id: &str) -> Arc<tokio::sync::Mutex<VmExport>> {
-        self.exports
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .entry(vm_id.to_string())
-            .or_default()
-            .clone()
+    fn name_of(&self, vm_id: &str) -> String {
+        self.meta(vm_id)
+            .map_or_else(|| vm_id.to_string(), |meta| meta.name.clone())
     }
 
     fn meta(&self, vm_id: &str) -> Option<Arc<VmMeta>> {
@@ -484,10 +441,26 @@ impl VsphereProvider {
             .get(vm_id)
             .cloned()
     }
+}
 
-    async fn create_snapshot(&self, vm_id: &str, meta: &VmMeta) -> Result<String, ProviderError> {
+/// Takes and removes the VM snapshots of `snapshot=on`.
+struct VmSnapshots {
+    session: Arc<Session>,
+    vms: Arc<Mutex<HashMap<String, Arc<VmMeta>>>>,
+}
+
+#[async_trait]
+impl Snapshotter for VmSnapshots {
+    type Snapshot = String;
+
+    async fn take(&self, vm_id: &str, name: &str) -> Result<String, ProviderError> {
         let description = Creator::this_process().description();
-        let quiesce = meta.powered_on && meta.tools_running;
+        let quiesce = self
+            .vms
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(vm_id)
+            .is_some_and(|meta| meta.powered_on && meta.tools_running);
         let description = &description;
         let attempt = |quiesce: bool| {
             self.session.with_renewal(move || {
@@ -498,137 +471,26 @@ impl VsphereProvider {
         };
         match attempt(quiesce).await {
             Err(err) if quiesce => {
-                tracing::warn!(vm = %meta.name, "quiesced snapshot failed ({err}); taking a crash-consistent one");
+                tracing::warn!(vm = %name, "quiesced snapshot failed ({err}); taking a crash-consistent one");
                 attempt(false).await
             }
             other => other,
         }
     }
+
+    async fn remove(&self, _vm: &str, snapshot: &String) -> Result<(), ProviderError> {
+        remove_snapshot(&self.session, snapshot).await
+    }
+
+    fn by_hand(&self, _snapshot: &String) -> String {
+        format!("remove snapshot '{SNAPSHOT_NAME}' by hand")
+    }
 }
 
-/// Removes one of the mount's snapshots, and says so.
-async fn remove_export_snapshot(
-    session: &Session,
-    vm_name: &str,
-    snapshot: &str,
-) -> Result<(), ProviderError> {
+async fn remove_snapshot(session: &Session, snapshot: &str) -> Result<(), ProviderError> {
     session
         .with_renewal(|| session.api.remove_snapshot(snapshot))
-        .await?;
-    tracing::info!(vm = %vm_name, %snapshot, "snapshot removed");
-    Ok(())
-}
-
-/// Who took a snapshot: written into its description, read back at the
-/// next start to tell a dead daemon's leftovers from a live one's.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Creator {
-    host: String,
-    pid: u32,
-    /// /proc/sys/kernel/random/boot_id: a snapshot from an earlier boot
-    /// outlived its process, whatever its pid is now.
-    boot: String,
-}
-
-const MARKER: &str = "[vmexportfs ";
-
-impl Creator {
-    fn this_process() -> Creator {
-        let read = |path: &str| {
-            std::fs::read_to_string(path)
-                .ok()
-                .map(|text| text.trim().to_string())
-                .filter(|text| !text.is_empty() && !text.contains(char::is_whitespace))
-                .unwrap_or_else(|| "unknown".to_string())
-        };
-        Creator {
-            host: read("/proc/sys/kernel/hostname"),
-            pid: std::process::id(),
-            boot: read("/proc/sys/kernel/random/boot_id"),
-        }
-    }
-
-    fn description(&self) -> String {
-        format!(
-            "Taken by vmexportfs for a consistent export of the disks; removed when the export ends. {MARKER}host={} pid={} boot={}]",
-            self.host, self.pid, self.boot
-        )
-    }
-
-    fn parse(description: &str) -> Option<Creator> {
-        let start = description.rfind(MARKER)?;
-        let inner = description[start + MARKER.len()..].strip_suffix(']')?;
-        let (mut host, mut pid, mut boot) = (None, None, None);
-        for field in inner.split(' ') {
-            match field.split_once('=')? {
-                ("host", value) => host = Some(value.to_string()),
-                ("pid", value) => pid = Some(value.parse().ok()?),
-                ("boot", value) => boot = Some(value.to_string()),
-                _ => return None,
-            }
-        }
-        Some(Creator {
-            host: host?,
-            pid: pid?,
-            boot: boot?,
-        })
-    }
-}
-
-/// What to do with a snapshot named [`SNAPSHOT_NAME`] found at start.
-#[derive(Debug, PartialEq, Eq)]
-enum Verdict {
-    /// The name only: someone else's snapshot.
-    NotOurs,
-    /// Written by a vmexportfs that did not record its host.
-    Legacy,
-    OtherHost(String),
-    Live(u32),
-    Leftover(u32),
-}
-
-fn leftover_verdict(description: &str, here: &Creator, alive: impl Fn(u32) -> bool) -> Verdict {
-    let Some(creator) = Creator::parse(description) else {
-        return if description.starts_with("Taken by vmexportfs") {
-            Verdict::Legacy
-        } else {
-            Verdict::NotOurs
-        };
-    };
-    if creator.host != here.host || creator.host == "unknown" {
-        return Verdict::OtherHost(creator.host);
-    }
-    let boots_known = creator.boot != "unknown" && here.boot != "unknown";
-    if boots_known && creator.boot != here.boot {
-        // The host rebooted since: its process is gone.
-        return Verdict::Leftover(creator.pid);
-    }
-    if creator.pid == here.pid && boots_known {
-        // This process has taken no snapshot yet: an earlier process of
-        // this boot had the same pid.
-        return Verdict::Leftover(creator.pid);
-    }
-    if alive(creator.pid) {
-        Verdict::Live(creator.pid)
-    } else {
-        Verdict::Leftover(creator.pid)
-    }
-}
-
-/// Whether `pid` is a running vmexportfs. When unsure, yes: a snapshot left
-/// alone costs disk space, a snapshot removed under a live export costs the
-/// export its consistency.
-fn process_is_vmexportfs(pid: u32) -> bool {
-    let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
-        // Gone, or /proc cannot tell: only a missing process is dead.
-        return std::fs::metadata(format!("/proc/{pid}")).is_ok()
-            || std::fs::metadata("/proc/self").is_err();
-    };
-    let argv0 = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .ok()
-        .and_then(|line| line.split(|&b| b == 0).next().map(<[u8]>::to_vec))
-        .unwrap_or_default();
-    comm.contains("vmexportfs") || String::from_utf8_lossy(&argv0).contains("vmexportfs")
+        .await
 }
 
 impl Drop for VsphereProvider {
@@ -824,7 +686,11 @@ impl Provider for VsphereProvider {
         // Under a held snapshot the file is a frozen parent: its bytes stay
         // as they are until the snapshot is removed, whatever the datastore
         // says of its validators.
-        let version = match self.held_snapshot(vm_of(disk)).await {
+        let held = match &self.holds {
+            Some(holds) => holds.held(vm_of(disk)).await,
+            None => None,
+        };
+        let version = match held {
             Some(id) => Version::Snapshot {
                 id,
                 file: Box::new(file),
@@ -856,122 +722,34 @@ impl Provider for VsphereProvider {
         let Some(meta) = self.meta(vm_id) else {
             return Ok(());
         };
-        if !self.snapshot {
-            if meta.powered_on && !meta.warned.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    vm = %meta.name,
-                    "the VM is powered on: its disks may change while they are read; snapshot=on reads a consistent copy"
-                );
-            }
-            return Ok(());
-        }
-        let export = self.export_of(vm_id);
-        let mut export = export.lock().await;
-        if let Some(pending) = export.pending.take() {
-            pending.abort();
-            if let Some(snapshot) = &export.snapshot {
-                tracing::info!(vm = %meta.name, %snapshot, "reopened within snapshot_linger: the same snapshot serves");
+        match &self.holds {
+            Some(holds) => holds.open(vm_id, &meta.name).await,
+            None => {
+                if meta.powered_on && !meta.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        vm = %meta.name,
+                        "the VM is powered on: its disks may change while they are read; snapshot=on reads a consistent copy"
+                    );
+                }
+                Ok(())
             }
         }
-        if export.snapshot.is_none() {
-            let snapshot = self
-                .create_snapshot(vm_id, &meta)
-                .await
-                .inspect_err(|err| {
-                    tracing::error!(vm = %meta.name, "snapshot=on: cannot take a snapshot: {err}");
-                })?;
-            tracing::info!(vm = %meta.name, %snapshot, "snapshot taken for the export");
-            export.snapshot = Some(snapshot);
-        }
-        export.handles += 1;
-        tracing::debug!(vm = %meta.name, open = export.handles, "disk opened");
-        Ok(())
     }
 
     async fn end_read(&self, disk: &DiskEntry) {
-        if !self.snapshot {
-            return;
-        }
-        let vm_id = vm_of(disk);
-        let name = self
-            .meta(vm_id)
-            .map_or_else(|| vm_id.to_string(), |m| m.name.clone());
-        let shared = self.export_of(vm_id);
-        let mut export = shared.lock().await;
-        export.handles = export.handles.saturating_sub(1);
-        tracing::debug!(vm = %name, open = export.handles, "disk closed");
-        if export.handles > 0 {
-            return;
-        }
-        let Some(snapshot) = export.snapshot.clone() else {
+        let Some(holds) = &self.holds else {
             return;
         };
-        if let Some(pending) = export.pending.take() {
-            pending.abort();
-        }
-        if self.snapshot_linger.is_zero() {
-            expire_snapshot(&self.session, &name, &snapshot, &mut export).await;
-            return;
-        }
-        tracing::info!(
-            vm = %name,
-            %snapshot,
-            "last file of the VM closed: the snapshot stays {:?} (snapshot_linger) for the next file",
-            self.snapshot_linger
-        );
-        let (session, export_of_vm, linger) =
-            (self.session.clone(), shared.clone(), self.snapshot_linger);
-        export.pending = Some(tokio::spawn(async move {
-            tokio::time::sleep(linger).await;
-            let mut export = export_of_vm.lock().await;
-            // A re-open aborts this task while holding the lock, so the
-            // checks only guard against a missed abort.
-            if export.handles > 0 || export.snapshot.as_deref() != Some(snapshot.as_str()) {
-                return;
-            }
-            export.pending = None;
-            expire_snapshot(&session, &name, &snapshot, &mut export).await;
-        }));
+        let vm_id = vm_of(disk);
+        holds.close(vm_id, &self.name_of(vm_id)).await;
     }
 
     async fn close(&self) {
-        type Export = Arc<tokio::sync::Mutex<VmExport>>;
-        let exports: Vec<(String, Export)> = self
-            .exports
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .iter()
-            .map(|(id, export)| (id.clone(), export.clone()))
-            .collect();
-        for (vm_id, export) in exports {
-            let mut export = export.lock().await;
-            if let Some(pending) = export.pending.take() {
-                pending.abort();
-            }
-            if let Some(snapshot) = export.snapshot.clone() {
-                let name = self.meta(&vm_id).map_or(vm_id.clone(), |m| m.name.clone());
-                match remove_export_snapshot(&self.session, &name, &snapshot).await {
-                    Ok(()) => export.snapshot = None,
-                    Err(err) => tracing::error!(
-                        vm = %name,
-                        %snapshot,
-                        "the export snapshot could not be removed; remove snapshot '{SNAPSHOT_NAME}' by hand: {err}"
-                    ),
-                }
-            }
-            export.handles = 0;
+        if let Some(holds) = &self.holds {
+            holds.release_all(|vm_id| self.name_of(vm_id)).await;
         }
         self.keepalive.abort();
         self.session.api.close().await;
-    }
-}
-
-/// Removes a VM's snapshot once no file of it is open; a failure keeps it,
-/// to be tried again at unmount.
-async fn expire_snapshot(session: &Session, name: &str, snapshot: &str, export: &mut VmExport) {
-    match remove_export_snapshot(session, name, snapshot).await {
-        Ok(()) => export.snapshot = None,
-        Err(err) => tracing::error!(vm = %name, %snapshot, "removing the export snapshot: {err}"),
     }
 }
 
@@ -1079,75 +857,6 @@ mod tests {
                 vec!["team-b".to_string(), "x".to_string(), "web (2)".to_string()],
             ]
         );
-    }
-
-    #[test]
-    fn only_a_dead_local_daemons_snapshots_are_leftovers() {
-        let here = Creator {
-            host: "backup-01".into(),
-            pid: 4242,
-            boot: "b0".into(),
-        };
-        let taken_by = |host: &str, pid: u32, boot: &str| {
-            Creator {
-                host: host.into(),
-                pid,
-                boot: boot.into(),
-            }
-            .description()
-        };
-        let alive = |pid: u32| pid == 77;
-        let verdict = |description: &str| leftover_verdict(description, &here, alive);
-        assert_eq!(
-            Creator::parse(&taken_by("backup-01", 77, "b0")),
-            Some(Creator {
-                host: "backup-01".into(),
-                pid: 77,
-                boot: "b0".into()
-            })
-        );
-        assert_eq!(
-            verdict(&taken_by("backup-01", 99, "b0")),
-            Verdict::Leftover(99)
-        );
-        assert_eq!(verdict(&taken_by("backup-01", 77, "b0")), Verdict::Live(77));
-        // Rebooted since: pid 77 now is someone else.
-        assert_eq!(
-            verdict(&taken_by("backup-01", 77, "old")),
-            Verdict::Leftover(77)
-        );
-        // This process has taken nothing yet.
-        assert_eq!(
-            verdict(&taken_by("backup-01", 4242, "b0")),
-            Verdict::Leftover(4242)
-        );
-        assert_eq!(
-            verdict(&taken_by("backup-02", 99, "b0")),
-            Verdict::OtherHost("backup-02".into())
-        );
-        // Unknown boot ids: only the pid tells.
-        assert_eq!(
-            verdict(&taken_by("backup-01", 77, "unknown")),
-            Verdict::Live(77)
-        );
-        assert_eq!(
-            verdict(&taken_by("backup-01", 99, "unknown")),
-            Verdict::Leftover(99)
-        );
-        assert_eq!(
-            verdict("Taken by vmexportfs (pid 12) for a consistent export of the disks; removed when the export ends."),
-            Verdict::Legacy
-        );
-        for foreign in [
-            "",
-            "nightly backup",
-            "copied: [vmexportfs host=backup-01 pid=99 boot=b0] and more",
-            "[vmexportfs host=backup-01 pid=x boot=b0]",
-            "[vmexportfs host=backup-01 pid=99]",
-            "[vmexportfs host=backup-01 pid=99 boot=b0 extra=1]",
-        ] {
-            assert_eq!(verdict(foreign), Verdict::NotOurs, "{foreign:?}");
-        }
     }
 
     #[test]
