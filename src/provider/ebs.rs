@@ -31,6 +31,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use aws_sdk_ebs::operation::get_snapshot_block::GetSnapshotBlockOutput;
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::Filter;
 use aws_smithy_runtime_api::box_error::BoxError;
@@ -607,17 +608,22 @@ impl EbsProvider {
         }
         let index = u32::try_from(index)
             .map_err(|_| ProviderError::Internal(format!("block {index} out of range")))?;
-        let what = format!(
-            "GetSnapshotBlock {} block {index} in {}",
-            open.id, self.server
-        );
+        // Named only when something fails: a block read allocates nothing
+        // but its buffer and the token the request carries.
+        let what = || {
+            format!(
+                "GetSnapshotBlock {} block {index} in {}",
+                open.id, self.server
+            )
+        };
         let mut renewed = false;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let token = open.token(self, index).await?.ok_or_else(|| {
                 ProviderError::Protocol(format!(
-                    "{what}: ListSnapshotBlocks listed the block at open but gives no token for it now"
+                    "{}: ListSnapshotBlocks listed the block at open but gives no token for it now",
+                    what()
                 ))
             })?;
             let answer = self
@@ -625,7 +631,7 @@ impl EbsProvider {
                 .get_snapshot_block()
                 .snapshot_id(&open.id)
                 .block_index(index as i32)
-                .block_token(token.as_ref())
+                .block_token(String::from(token))
                 .send()
                 .await;
             let answer = match answer {
@@ -635,13 +641,18 @@ impl EbsProvider {
                     open.forget(index).await;
                     continue;
                 }
-                other => other.map_err(|err| map_error(&what, err))?,
+                other => other.map_err(|err| map_error(&what(), err))?,
             };
-            let declared = answer.data_length();
-            let checksum = answer.checksum().map(str::to_string);
-            let algorithm = answer.checksum_algorithm().map(|a| a.as_str().to_string());
-            let data = receive_block(answer.block_data, &what).await?;
-            match check_block(&data, declared, checksum.as_deref(), algorithm.as_deref()) {
+            let GetSnapshotBlockOutput {
+                data_length: declared,
+                block_data,
+                checksum,
+                checksum_algorithm,
+                ..
+            } = answer;
+            let data = receive_block(block_data, &what).await?;
+            let algorithm = checksum_algorithm.as_ref().map(|a| a.as_str());
+            match check_block(&data, declared, checksum.as_deref(), algorithm) {
                 Ok(()) => return Ok(Some(data)),
                 Err(BlockFault::Mismatch) if attempt < CHECKSUM_ATTEMPTS => {
                     tracing::warn!(snapshot = %open.id, block = index, attempt, "checksum mismatch: fetching the block again");
@@ -649,10 +660,11 @@ impl EbsProvider {
                 Err(BlockFault::Mismatch) => {
                     tracing::error!(snapshot = %open.id, block = index, "checksum mismatch on every one of {CHECKSUM_ATTEMPTS} fetches: the read fails");
                     return Err(ProviderError::Protocol(format!(
-                        "{what}: checksum mismatch ({CHECKSUM_ATTEMPTS} fetches, none matched its SHA-256)"
+                        "{}: checksum mismatch ({CHECKSUM_ATTEMPTS} fetches, none matched its SHA-256)",
+                        what()
                     )));
                 }
-                Err(fault) => return Err(ProviderError::Protocol(format!("{what}: {fault}"))),
+                Err(fault) => return Err(ProviderError::Protocol(format!("{}: {fault}", what()))),
             }
         }
     }
@@ -726,15 +738,17 @@ fn block_ranges(mut indexes: Vec<u32>) -> Vec<Range<u64>> {
 /// Reads a block's body, refusing more than a block.
 async fn receive_block(
     mut body: aws_sdk_ebs::primitives::ByteStream,
-    what: &str,
+    what: &(dyn Fn() -> String + Sync),
 ) -> Result<Bytes, ProviderError> {
     let mut data = FetchBuffer::with_capacity(BLOCK as usize);
     while let Some(chunk) = body.next().await {
-        let chunk = chunk
-            .map_err(|err| ProviderError::Unreachable(format!("{what}: body: {}", causes(&err))))?;
+        let chunk = chunk.map_err(|err| {
+            ProviderError::Unreachable(format!("{}: body: {}", what(), causes(&err)))
+        })?;
         if data.len() + chunk.len() > BLOCK as usize {
             return Err(ProviderError::Protocol(format!(
-                "{what}: the body is longer than a {BLOCK}-byte block"
+                "{}: the body is longer than a {BLOCK}-byte block",
+                what()
             )));
         }
         data.put_slice(&chunk);
